@@ -1,0 +1,37 @@
+# Two commands do all set-up on a fresh machine: `make book` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Rebuilt only when the pins or the package's metadata change.
+READY  := $(VENV)/.ready
+NOTEBOOK_CODE := book solutions exercises
+
+.PHONY: book test lint exercises lab clean
+
+$(READY): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+book: $(READY)
+	$(BIN)/jupyter-book build . --warningiserror --keep-going
+	@echo "Open $(CURDIR)/_build/html/index.html in a browser."
+
+test: $(READY) lint
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
+
+lint: $(READY)
+	$(BIN)/ruff check src tests $(NOTEBOOK_CODE)
+	$(BIN)/ruff format --check src tests
+
+exercises: $(READY)
+	$(BIN)/transformer-course release
+
+lab: $(READY)
+	$(BIN)/jupyter lab
+
+clean:
+	rm -rf _build $(VENV)

@@ -1,0 +1,10 @@
+"""Checks for every exercise, by id: the one engine behind notebook tests, tests and grading."""
+
+from .core import Exercise, Report
+from .self_attention import SCALED_DOT_PRODUCT_ATTENTION, SELF_ATTENTION
+
+EXERCISES: dict[str, Exercise] = {
+    exercise.id: exercise for exercise in (SCALED_DOT_PRODUCT_ATTENTION, SELF_ATTENTION)
+}
+
+__all__ = ["EXERCISES", "Exercise", "Report"]

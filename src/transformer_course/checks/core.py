@@ -1,0 +1,255 @@
+"""The check engine shared by notebook tests, the course's own tests and the grader.
+
+An exercise's check module lists `Case`s (seeded, self-contained functions that run a
+learner's implementation and raise `CheckFailed` when it disagrees with a trusted
+reference) and a catalogue of `Mistake`s (wrong implementations learners really write).
+`run_cases` turns them into a `Report` of plain data; when an output is wrong, the engine
+reruns every catalogued mistake on the same inputs and names the one that reproduces it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+PASSED = "passed"
+FAILED = "failed"
+NOT_ATTEMPTED = "not attempted"
+SKIPPED = "skipped"
+
+
+@dataclass(frozen=True)
+class Mistake:
+    id: str  # short name, used in reports and in the course's tests
+    explanation: str  # what went wrong, in plain words, for the learner
+    impl: Any  # a wrong implementation with the exercise's interface
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str  # what the case checks, as the learner reads it
+    suite: str  # "visible" (in the learner's notebook) or "hidden" (added by the grader)
+    run: Callable[[Any, bool], None]  # run(impl, reveal): raises CheckFailed on a wrong answer
+    device: str = "cpu"  # cases on an absent device are skipped
+
+
+class CheckFailed(AssertionError):
+    """A case's verdict: the learner's answer is wrong, and possibly which mistake it is."""
+
+    def __init__(self, message: str, mistake: Mistake | None = None):
+        super().__init__(message)
+        self.message = message
+        self.mistake = mistake
+
+
+@dataclass
+class CaseResult:
+    case: str
+    status: str  # PASSED, FAILED, NOT_ATTEMPTED or SKIPPED
+    message: str = ""
+    mistake: str | None = None  # id of the catalogued mistake the answer matches
+    explanation: str = ""
+
+
+@dataclass
+class Report:
+    exercise: str
+    suite: str
+    results: list[CaseResult] = field(default_factory=list)
+
+    @property
+    def not_attempted(self) -> bool:
+        return any(r.status == NOT_ATTEMPTED for r in self.results)
+
+    @property
+    def passed(self) -> bool:
+        statuses = {r.status for r in self.results}
+        return PASSED in statuses and statuses <= {PASSED, SKIPPED}
+
+    @property
+    def mistakes(self) -> list[str]:
+        return list(dict.fromkeys(r.mistake for r in self.results if r.mistake))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        ran = [r for r in self.results if r.status != SKIPPED]
+        n_passed = sum(r.status == PASSED for r in ran)
+        lines = [f"{self.exercise}: {n_passed} of {len(ran)} {self.suite} checks passed"]
+        if self.not_attempted:
+            lines[0] += " (not attempted yet: your code raises NotImplementedError)"
+        marks = {PASSED: "✓", FAILED: "✗", NOT_ATTEMPTED: "…", SKIPPED: "-"}
+        for r in self.results:
+            suffix = " (skipped: no such device here)" if r.status == SKIPPED else ""
+            lines.append(f"  {marks[r.status]} {r.case}{suffix}")
+            if r.message:
+                lines.extend("      " + line for line in r.message.splitlines())
+            if r.mistake:
+                lines.append(f"      Likely mistake [{r.mistake}]: {r.explanation}")
+        return "\n".join(lines)
+
+    def raise_for_status(self) -> Report:
+        """Return self when every case passed; raise with the whole report otherwise."""
+        if self.not_attempted:
+            raise NotImplementedError(str(self))
+        if not self.passed:
+            raise AssertionError(str(self))
+        return self
+
+
+@dataclass(frozen=True)
+class Exercise:
+    id: str  # the exercise id: also the solution cell's grade_id and the stub's message
+    cases: tuple[Case, ...]
+    mistakes: tuple[Mistake, ...]  # the catalogue, in the order diagnosis tries it
+
+    def report(self, impl: Any, suite: str = "visible") -> Report:
+        return run_cases(self.id, self.cases, impl, suite)
+
+    def check(self, impl: Any, suite: str = "visible") -> None:
+        """What a notebook's test cell calls: print the report, or raise with it."""
+        print(self.report(impl, suite).raise_for_status())
+
+
+def available_devices() -> list[str]:
+    return ["cpu", "meta"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def run_cases(exercise: str, cases: Sequence[Case], impl: Any, suite: str) -> Report:
+    """Run the cases of one suite and collect plain-data results; never raises."""
+    report = Report(exercise, suite)
+    reveal = suite == "visible"
+    devices = available_devices()
+    for case in cases:
+        if case.suite != suite:
+            continue
+        if case.device not in devices:
+            report.results.append(CaseResult(case.name, SKIPPED))
+            continue
+        try:
+            case.run(impl, reveal)
+        except NotImplementedError:
+            report.results.append(CaseResult(case.name, NOT_ATTEMPTED))
+        except CheckFailed as failure:
+            m = failure.mistake
+            report.results.append(
+                CaseResult(
+                    case.name,
+                    FAILED,
+                    failure.message,
+                    m.id if m else None,
+                    m.explanation if m else "",
+                )
+            )
+        except Exception as error:  # the learner's code crashed: report it, run the rest
+            report.results.append(
+                CaseResult(case.name, FAILED, f"Your code raised {type(error).__name__}: {error}")
+            )
+        else:
+            report.results.append(CaseResult(case.name, PASSED))
+    return report
+
+
+def describe(t: Any, reveal: bool = True, n_values: int = 4) -> str:
+    """'shape (2, 3), torch.float32, values [0.1, ...]' or a short word for non-tensors."""
+    if not isinstance(t, torch.Tensor):
+        return f"{type(t).__name__} (expected a tensor)"
+    text = f"shape {tuple(t.shape)}, {t.dtype}"
+    if t.device.type != "cpu":
+        text += f", on {t.device.type}"
+    if reveal and t.device.type != "meta" and t.numel():
+        values = t.detach().flatten()[:n_values].double().cpu().tolist()
+        more = ", ..." if t.numel() > n_values else ""
+        text += ", values [" + ", ".join(f"{x:.4g}" for x in values) + more + "]"
+    return text
+
+
+def _close(a: Any, b: torch.Tensor, atol: float, rtol: float) -> bool:
+    if not isinstance(a, torch.Tensor) or a.shape != b.shape:
+        return False
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return bool(torch.allclose(a, b, atol=atol, rtol=rtol, equal_nan=True))
+
+
+def diagnose(
+    yours: Any,
+    rerun: Callable[[Any], Any],
+    mistakes: Sequence[Mistake],
+    atol: float,
+    rtol: float,
+) -> Mistake | None:
+    """The first catalogued mistake whose output, on the same inputs, matches the learner's."""
+    for mistake in mistakes:
+        try:
+            theirs = rerun(mistake.impl)
+        except Exception:
+            continue
+        if _close(yours, theirs, atol, rtol):
+            return mistake
+    return None
+
+
+def diagnose_error(
+    error: Exception, rerun: Callable[[Any], Any], mistakes: Sequence[Mistake]
+) -> Mistake | None:
+    """The first catalogued mistake that fails on the same inputs with the same exception type."""
+    for mistake in mistakes:
+        try:
+            rerun(mistake.impl)
+        except Exception as theirs:
+            if type(theirs) is type(error):
+                return mistake
+    return None
+
+
+def expect_close(
+    what: str,
+    yours: Any,
+    expected: torch.Tensor,
+    *,
+    atol: float,
+    rtol: float,
+    reveal: bool,
+    rerun: Callable[[Any], Any] | None = None,
+    mistakes: Sequence[Mistake] = (),
+) -> None:
+    """Raise CheckFailed, naming the matching mistake, unless `yours` matches `expected`."""
+    if isinstance(yours, torch.Tensor) and yours.dtype != expected.dtype:
+        raise CheckFailed(
+            f"{what}: yours has dtype {yours.dtype}, expected {expected.dtype}. "
+            "Keep the input's dtype: create new tensors with dtype=x.dtype."
+        )
+    if _close(yours, expected, atol, rtol):
+        return
+    lines = [f"{what}:", f"  yours:    {describe(yours, reveal)}"]
+    lines.append(f"  expected: {describe(expected, reveal)}")
+    if isinstance(yours, torch.Tensor) and yours.shape == expected.shape and yours.numel():
+        diff = (yours.detach().double().cpu() - expected.detach().double().cpu()).abs()
+        diff = torch.nan_to_num(diff, nan=float("inf"))
+        worst = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+        lines.append(f"  largest difference {diff.max().item():.3g} at index {worst}")
+    mistake = diagnose(yours, rerun, mistakes, atol, rtol) if rerun else None
+    raise CheckFailed("\n".join(lines), mistake)
+
+
+def expect_shape(what: str, yours: Any, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    if not isinstance(yours, torch.Tensor):
+        raise CheckFailed(f"{what}: yours is a {type(yours).__name__}, expected a tensor.")
+    if tuple(yours.shape) != tuple(shape):
+        raise CheckFailed(f"{what}: yours has shape {tuple(yours.shape)}, expected {tuple(shape)}.")
+    if yours.dtype != dtype:
+        raise CheckFailed(f"{what}: yours has dtype {yours.dtype}, expected {dtype}.")
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape: int, seed: int, dtype=torch.float32, device="cpu", scale=1.0) -> torch.Tensor:
+    """Seeded normal samples, drawn on the CPU so every device sees the same numbers."""
+    t = torch.randn(*shape, generator=seeded(seed), dtype=torch.float64) * scale
+    return t.to(dtype=dtype, device=device)

@@ -1,0 +1,1 @@
+"""The instructor's side: release exercises, run notebooks, grade batches with nbgrader."""

@@ -1,0 +1,179 @@
+"""Grade a folder of submissions with nbgrader and write the instructor's tables and feedback.
+
+nbgrader does the work it is built for: it restores the instructor's test cells, runs the
+notebook and keeps the gradebook (OUT/gradebook.db). This module finds the submissions,
+sets aside the ones nbgrader cannot read, and turns the gradebook into CSV files and
+feedback pages that quote each failing test's diagnosis but never its source.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nbformat
+from nbgrader.api import Gradebook, MissingEntry
+from nbgrader.apps import NbGraderAPI
+from nbgrader.coursedir import CourseDirectory
+from sqlalchemy.exc import SAWarning
+
+from . import feedback
+from .course import assignments, load_config
+from .notebooks import TestResult, results
+
+GRADED = "graded"
+
+
+@dataclass
+class Submission:
+    student: str
+    path: Path  # the file as found under SUBMISSIONS
+    assignment: str | None = None  # None when no assignment matches
+    notebook: str | None = None  # the source notebook's file name
+    status: str = GRADED  # GRADED, or why it could not be graded
+    score: float = 0.0
+    max_score: float = 0.0
+    tests: list[TestResult] = field(default_factory=list)
+    test_scores: dict[str, float] = field(default_factory=dict)
+
+
+def find_submissions(folder: Path, known: dict[str, list[str]]) -> list[Submission]:
+    """Every .ipynb under folder, laid out as student/assignment/nb or student/nb."""
+    found = []
+    by_notebook = {nb: name for name, nbs in known.items() for nb in nbs}
+    for path in sorted(folder.rglob("*.ipynb")):
+        parts = path.relative_to(folder).parts
+        if ".ipynb_checkpoints" in parts:
+            continue
+        if len(parts) not in (2, 3):
+            found.append(
+                Submission(parts[0], path, status="unexpected location: " + "/".join(parts))
+            )
+            continue
+        sub = Submission(parts[0], path)
+        named = parts[1] if len(parts) == 3 else None
+        sub.assignment = named if named in known else by_notebook.get(path.name)
+        if sub.assignment is None:
+            sub.status = (
+                f"unknown assignment: {'/'.join(parts[1:])} matches none of {sorted(known)}"
+            )
+        elif path.name in known[sub.assignment]:
+            sub.notebook = path.name
+        elif len(known[sub.assignment]) == 1:
+            sub.notebook = known[sub.assignment][0]
+        else:
+            sub.status = f"unknown notebook {path.name} for {sub.assignment}"
+        found.append(sub)
+    return found
+
+
+def _readable(sub: Submission) -> None:
+    """Set a status for notebooks that are not valid nbformat 4 JSON."""
+    try:
+        nb = nbformat.read(sub.path, as_version=nbformat.NO_CONVERT)
+        if nb.get("nbformat") != 4:
+            raise ValueError(f"nbformat {nb.get('nbformat')}, expected 4")
+        nbformat.validate(nb)
+    except Exception as error:
+        sub.status = f"invalid notebook: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+
+
+def _mark_duplicates(subs: list[Submission]) -> None:
+    seen = {}
+    for sub in subs:
+        if sub.status != GRADED:
+            continue
+        key = (sub.student, sub.assignment)
+        if key in seen:
+            sub.status = f"duplicate: {seen[key].path.name} was graded for this assignment"
+        else:
+            seen[key] = sub
+
+
+def grade(root: Path, submissions: Path, out: Path) -> list[Submission]:
+    """Grade everything under `submissions`; write OUT/grades.csv, grades_by_test.csv, feedback/."""
+    known = assignments(root)
+    subs = find_submissions(submissions, known)
+    for sub in subs:
+        if sub.status == GRADED:
+            _readable(sub)
+    _mark_duplicates(subs)
+
+    work = out / "nbgrader"  # nbgrader's course folder: source, release, submitted, autograded
+    if work.exists():
+        shutil.rmtree(work)
+    config = load_config(root)
+    config.CourseDirectory.root = str(work)
+    config.CourseDirectory.db_url = f"sqlite:///{(out / 'gradebook.db').resolve()}"
+    config.CourseDirectory.source_directory = "source"
+    config.CourseDirectory.release_directory = "release"
+    api = NbGraderAPI(coursedir=CourseDirectory(config=config), config=config)
+    # nbgrader creates the gradebook by running `alembic` from PATH, which lacks our
+    # environment's scripts folder when the command was run without activating it.
+    scripts = str(Path(sys.executable).parent)
+    if scripts not in os.environ["PATH"].split(os.pathsep):
+        os.environ["PATH"] = scripts + os.pathsep + os.environ["PATH"]
+
+    # nbgrader's own session handling warns on every new student; the warnings are not ours.
+    warnings.filterwarnings("ignore", category=SAWarning)
+    graded = [s for s in subs if s.status == GRADED]
+    for name in sorted({s.assignment for s in graded}):
+        shutil.copytree(root / "solutions" / name, work / "source" / name)
+        result = api.generate_assignment(name, force=True, create=True)
+        if not result["success"]:
+            raise RuntimeError(f"nbgrader could not prepare {name}:\n{result.get('log', '')}")
+    for sub in graded:
+        target = work / "submitted" / sub.student / sub.assignment / sub.notebook
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(sub.path, target)
+        result = api.autograde(sub.assignment, sub.student, force=True, create=True)
+        if not result["success"]:
+            last = (result.get("log") or "").strip().splitlines()[-1:] or ["no log"]
+            sub.status = f"autograde failed: {last[0][:200]}"
+    _read_gradebook(config.CourseDirectory.db_url, work, subs, known)
+    _write_tables(out, subs)
+    for sub in subs:
+        if sub.assignment:
+            feedback.write(out / "feedback" / sub.student / f"{sub.assignment}.html", sub)
+    return subs
+
+
+def _read_gradebook(db_url: str, work: Path, subs: list[Submission], known) -> None:
+    with Gradebook(db_url) as gb:
+        max_scores = {}
+        for name in known:
+            try:
+                max_scores[name] = gb.find_assignment(name).max_score
+            except MissingEntry:
+                continue
+        for sub in subs:
+            sub.max_score = max_scores.get(sub.assignment, 0.0)
+            if sub.status != GRADED:
+                continue
+            submitted = gb.find_submission(sub.assignment, sub.student)
+            sub.score = submitted.score
+            for nb in submitted.notebooks:
+                sub.test_scores.update({g.name: g.score for g in nb.grades})
+            autograded = work / "autograded" / sub.student / sub.assignment / sub.notebook
+            sub.tests = results(nbformat.read(autograded, as_version=4))
+
+
+def _write_tables(out: Path, subs: list[Submission]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "grades.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["student", "assignment", "score", "max_score", "status"])
+        for s in subs:
+            writer.writerow([s.student, s.assignment or "", s.score, s.max_score, s.status])
+    with open(out / "grades_by_test.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["student", "assignment", "test_id", "score", "max_score", "status"])
+        for s in subs:
+            for t in s.tests:
+                score = s.test_scores.get(t.test_id, 0.0)
+                writer.writerow([s.student, s.assignment, t.test_id, score, t.points, t.status])

@@ -1,0 +1,57 @@
+"""Run a notebook and read the verdict of each of its nbgrader test cells."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+PASSED, FAILED, NOT_ATTEMPTED = "passed", "failed", "not attempted"
+
+
+@dataclass
+class TestResult:
+    test_id: str  # the test cell's nbgrader grade_id
+    status: str  # PASSED, FAILED or NOT_ATTEMPTED
+    points: float  # what the test cell is worth
+    message: str = ""  # the error's message: the checks' report, never the cell's source
+
+
+def is_test_cell(cell) -> bool:
+    meta = cell.metadata.get("nbgrader", {})
+    return cell.cell_type == "code" and meta.get("grade", False) and not meta.get("solution", False)
+
+
+def execute(nb, cwd: Path, timeout: int = 300):
+    """Run every cell, errors included, in a fresh kernel started in cwd."""
+    client = NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", allow_errors=True,
+        resources={"metadata": {"path": str(cwd)}},
+    )  # fmt: skip
+    client.execute()
+    return nb
+
+
+def results(nb) -> list[TestResult]:
+    """The verdict of each test cell of an executed notebook."""
+    verdicts = []
+    for cell in nb.cells:
+        if not is_test_cell(cell):
+            continue
+        meta = cell.metadata["nbgrader"]
+        errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+        if not errors:
+            status, message = PASSED, ""
+        else:
+            error = errors[0]
+            status = NOT_ATTEMPTED if error["ename"] == "NotImplementedError" else FAILED
+            message = f"{error['ename']}: {error['evalue']}"
+        verdicts.append(TestResult(meta["grade_id"], status, float(meta.get("points", 0)), message))
+    return verdicts
+
+
+def run(path: Path, timeout: int = 300) -> list[TestResult]:
+    nb = nbformat.read(path, as_version=4)
+    return results(execute(nb, path.parent, timeout))
