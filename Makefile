@@ -14,6 +14,8 @@ $(READY): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	# Build matplotlib's font cache now: its one-time notice would break nbval's comparisons.
+	$(BIN)/python -c "import matplotlib.pyplot" 2>/dev/null
 	touch $@
 
 book: $(READY)
@@ -21,7 +23,7 @@ book: $(READY)
 	@echo "Open $(CURDIR)/_build/html/index.html in a browser."
 
 test: $(READY) lint
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -n 2 --dist loadfile --nbval --nbval-current-env tests book
 
 lint: $(READY)
 	$(BIN)/ruff check src tests $(NOTEBOOK_CODE)
