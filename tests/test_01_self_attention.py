@@ -100,29 +100,19 @@ class StackedProjections(nn.Module):
 CORRECT_MODULES = [LinearsByHand, StackedProjections]
 
 
-@pytest.mark.parametrize("impl", CORRECT_SDPA, ids=lambda f: f.__name__)
-def test_correct_attention_variants_pass(impl):
-    for report in _reports(SDPA, impl):
+CORRECT = [(SDPA, f) for f in CORRECT_SDPA] + [(MODULE, c) for c in CORRECT_MODULES]
+CATALOGUE = [(SDPA, m) for m in ch1.SDPA_MISTAKES] + [(MODULE, m) for m in ch1.MODULE_MISTAKES]
+
+
+@pytest.mark.parametrize("exercise, impl", CORRECT, ids=[i.__name__ for _, i in CORRECT])
+def test_correct_variants_pass(exercise, impl):
+    for report in _reports(exercise, impl):
         assert report.passed, str(report)
 
 
-@pytest.mark.parametrize("cls", CORRECT_MODULES, ids=lambda c: c.__name__)
-def test_correct_module_variants_pass(cls):
-    for report in _reports(MODULE, cls):
-        assert report.passed, str(report)
-
-
-@pytest.mark.parametrize("mistake", ch1.SDPA_MISTAKES, ids=lambda m: m.id)
-def test_each_attention_mistake_fails_and_is_named(mistake):
-    reports = _reports(SDPA, mistake.impl)
-    assert not all(r.passed for r in reports), f"{mistake.id} passed every check"
-    named = [m for r in reports for m in r.mistakes]
-    assert mistake.id in named, f"{mistake.id} was diagnosed as {named}"
-
-
-@pytest.mark.parametrize("mistake", ch1.MODULE_MISTAKES, ids=lambda m: m.id)
-def test_each_module_mistake_fails_and_is_named(mistake):
-    reports = _reports(MODULE, mistake.impl)
+@pytest.mark.parametrize("exercise, mistake", CATALOGUE, ids=[m.id for _, m in CATALOGUE])
+def test_each_catalogued_mistake_fails_and_is_named(exercise, mistake):
+    reports = _reports(exercise, mistake.impl)
     assert not all(r.passed for r in reports), f"{mistake.id} passed every check"
     named = [m for r in reports for m in r.mistakes]
     assert mistake.id in named, f"{mistake.id} was diagnosed as {named}"
@@ -171,7 +161,7 @@ def test_crash_is_reported_not_raised():
 
     report = SDPA.report(crashes)
     assert {r.status for r in report.results} == {FAILED}
-    assert "ValueError: oops" in report.results[0].message
+    assert "raised ValueError: oops" in report.results[0].message
 
 
 def test_meta_case_runs_here_and_cuda_only_when_present():

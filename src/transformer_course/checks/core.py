@@ -193,6 +193,22 @@ def diagnose(
     return None
 
 
+def attempt(
+    rerun: Callable[[Any], Any], impl: Any, mistakes: Sequence[Mistake], context: str = ""
+) -> Any:
+    """rerun(impl); a crash becomes a CheckFailed naming the mistake that fails the same way."""
+    try:
+        return rerun(impl)
+    except (NotImplementedError, CheckFailed):
+        raise
+    except Exception as error:
+        where = f"\n  ({context})" if context else ""
+        raise CheckFailed(
+            f"Your code raised {type(error).__name__}: {error}{where}",
+            diagnose_error(error, rerun, mistakes),
+        ) from None
+
+
 def diagnose_error(
     error: Exception, rerun: Callable[[Any], Any], mistakes: Sequence[Mistake]
 ) -> Mistake | None:

@@ -19,7 +19,7 @@ from .core import (
     CheckFailed,
     Exercise,
     Mistake,
-    diagnose_error,
+    attempt,
     expect_close,
     expect_shape,
     randn,
@@ -186,21 +186,18 @@ def _clone(t):
     return None if t is None else t.clone()
 
 
+def _shape(t):
+    return None if t is None else tuple(t.shape)
+
+
 def _call(fn, q, k, v, mask=None):
     """Run fn on copies of the inputs; a crash becomes a CheckFailed naming the likely mistake."""
 
     def rerun(impl):
         return impl(_clone(q), _clone(k), _clone(v), _clone(mask))
 
-    try:
-        result = rerun(fn)
-    except NotImplementedError:
-        raise
-    except Exception as error:
-        raise CheckFailed(
-            f"Your function raised {type(error).__name__}: {error}",
-            diagnose_error(error, rerun, SDPA_MISTAKES),
-        ) from None
+    shapes = f"q {_shape(q)}, k {_shape(k)}, v {_shape(v)}, mask {_shape(mask)}"
+    result = attempt(rerun, fn, SDPA_MISTAKES, shapes)
     if not (isinstance(result, tuple) and len(result) == 2):
         raise CheckFailed(
             f"Your function returned a {type(result).__name__}; it must return a pair "
@@ -568,15 +565,7 @@ def _run_module(cls, x, mask, bias, seed):
     def rerun(impl):
         return _build(impl, embed_dim, bias, weights, x.dtype)(x.clone(), _clone(mask))
 
-    try:
-        result = rerun(cls)
-    except (NotImplementedError, CheckFailed):
-        raise
-    except Exception as error:
-        raise CheckFailed(
-            f"Your module raised {type(error).__name__}: {error}",
-            diagnose_error(error, rerun, MODULE_MISTAKES),
-        ) from None
+    result = attempt(rerun, cls, MODULE_MISTAKES, f"x {tuple(x.shape)}, mask {_shape(mask)}")
     if not (isinstance(result, tuple) and len(result) == 2):
         raise CheckFailed("forward must return a pair (output, weights).")
     return result, (expected_out, expected_w), rerun
@@ -661,17 +650,8 @@ def _module_on_device(device):
             def rerun(impl, mask=mask):
                 return _build(impl, 8, True, weights, torch.float32).to("meta")(x, mask)
 
-            try:
-                out, w = rerun(cls)
-            except (NotImplementedError, CheckFailed):
-                raise
-            except Exception as error:
-                given = "None" if mask is None else "a (5, 5) mask"
-                raise CheckFailed(
-                    f"On the meta device, with mask={given}, your module raised "
-                    f"{type(error).__name__}: {error}",
-                    diagnose_error(error, rerun, MODULE_MISTAKES),
-                ) from None
+            context = f"on the meta device, mask {_shape(mask)}"
+            out, w = attempt(rerun, cls, MODULE_MISTAKES, context)
             expect_shape("output on meta", out, (2, 5, 8), torch.float32)
             expect_shape("weights on meta", w, (2, 5, 5), torch.float32)
 
