@@ -175,3 +175,11 @@ def test_report_is_plain_data():
     data = SDPA.report(ch1.SDPA_MISTAKE["mask_inverted"].impl).to_dict()
     assert data["exercise"] == "scaled_dot_product_attention"
     assert any(r["mistake"] == "mask_inverted" for r in data["results"])
+
+
+def test_the_cuda_cases_code_path_runs_here_on_the_cpu():
+    """The CUDA cases only move tensors; run their code on the CPU so it is tested without a GPU."""
+    ch1._on_device("cpu")(einsum_attention, False)
+    ch1._module_on_device("cpu")(LinearsByHand, False)
+    with pytest.raises(AssertionError, match="Likely|differ|yours"):
+        ch1._module_on_device("cpu")(ch1._ValueFromKeyProj, False)

@@ -213,19 +213,28 @@ def _inputs(batch, lq, lk, dk, dv, seed, dtype=torch.float32, device="cpu", scal
     return q, k, v
 
 
-def _random_mask(shape, seed, device="cpu", keep_rows=True):
+def _random_mask(shape, seed, device="cpu"):
     """A boolean mask with about a third of the keys hidden; every row keeps one key."""
     mask = torch.rand(shape, generator=seeded(seed)) > 0.35
-    if keep_rows:
-        mask[..., 0] = True
+    mask[..., 0] = True
     return mask.to(device)
 
 
+def _on_cpu(*tensors):
+    return [None if t is None else t.cpu() for t in tensors]
+
+
+def _expect_device(what, yours, device):
+    if isinstance(yours, torch.Tensor) and yours.device != device:
+        raise CheckFailed(f"{what} is on {yours.device}, the inputs on {device}.")
+
+
 def _compare(fn, q, k, v, mask, reveal, what=""):
-    """Output against PyTorch and weights against the float64 closed form."""
-    expected_out = reference_output(q, k, v, mask)
-    expected_w = reference_weights(q, k, mask)
+    """Output against PyTorch and weights against the float64 closed form, both on the CPU."""
+    expected_out = reference_output(*_on_cpu(q, k, v, mask))
+    expected_w = reference_weights(*_on_cpu(q, k, mask))
     (out, w), rerun = _call(fn, q, k, v, mask)
+    _expect_device("Your output", out, q.device)
     atol, rtol = TOLERANCE[q.dtype]
     label = f" ({what})" if what else ""
     expect_close(
@@ -404,8 +413,7 @@ def _on_device(device):
             (out, w), _ = _call(fn, q, k, v, mask)
             expect_shape("output on meta", out, (2, 3, 5), q.dtype)
             expect_shape("weights on meta", w, (2, 3, 4), q.dtype)
-            if out.device.type != "meta":
-                raise CheckFailed(f"The output is on {out.device}, the inputs on meta.")
+            _expect_device("Your output", out, q.device)
         else:
             _compare(fn, q, k, v, mask, reveal, f"inputs on {device}")
 
@@ -560,10 +568,13 @@ def _run_module(cls, x, mask, bias, seed):
     embed_dim = x.shape[-1]
     weights = _weights(embed_dim, bias, seed, x.dtype)
     mha = _pytorch_reference(embed_dim, bias, weights, x.dtype)
-    expected_out, expected_w = mha(x, x, x, need_weights=True, **_mha_masks(mask, *x.shape[:2]))
+    x_cpu, mask_cpu = _on_cpu(x, mask)
+    masks = _mha_masks(mask_cpu, *x.shape[:2])
+    expected_out, expected_w = mha(x_cpu, x_cpu, x_cpu, need_weights=True, **masks)
 
     def rerun(impl):
-        return _build(impl, embed_dim, bias, weights, x.dtype)(x.clone(), _clone(mask))
+        module = _build(impl, embed_dim, bias, weights, x.dtype, x.device)
+        return module(x.clone(), _clone(mask))
 
     result = attempt(rerun, cls, MODULE_MISTAKES, f"x {tuple(x.shape)}, mask {_shape(mask)}")
     if not (isinstance(result, tuple) and len(result) == 2):
@@ -573,6 +584,7 @@ def _run_module(cls, x, mask, bias, seed):
 
 def _compare_module(cls, x, mask, reveal, bias=True, seed=100, what=""):
     (out, w), (expected_out, expected_w), rerun = _run_module(cls, x, mask, bias, seed)
+    _expect_device("Your output", out, x.device)
     atol, rtol = TOLERANCE[x.dtype]
     for i, name, yours, expected in (
         (0, "output", out, expected_out),

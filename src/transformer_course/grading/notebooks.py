@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,8 @@ def execute(nb, cwd: Path, timeout: int = 300):
         nb, timeout=timeout, kernel_name="python3", allow_errors=True,
         resources={"metadata": {"path": str(cwd)}},
     )  # fmt: skip
-    client.execute()
+    # The kernel process's own log (not the cells' output) would clutter the learner's report.
+    client.execute(stderr=subprocess.DEVNULL)
     return nb
 
 
