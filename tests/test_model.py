@@ -9,6 +9,9 @@ from transformer_course.checks import EXERCISES
 REFERENCES = {
     "scaled_dot_product_attention": model.scaled_dot_product_attention,
     "self_attention": model.SelfAttention,
+    "split_heads": model.split_heads,
+    "merge_heads": model.merge_heads,
+    "multi_head_attention": model.MultiHeadAttention,
 }
 
 

@@ -37,3 +37,42 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, mask=None):
         return scaled_dot_product_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), mask)
+
+
+# Chapter 2: multi-head attention
+
+
+def split_heads(x, num_heads):
+    """(B, L, E) -> (B, H, L, E // H): head h gets features h·d .. (h+1)·d - 1."""
+    B, L, E = x.shape
+    return x.view(B, L, num_heads, E // num_heads).transpose(1, 2)  # (B, H, L, d)
+
+
+def merge_heads(x):
+    """(B, H, L, d) -> (B, L, H·d), the inverse of split_heads."""
+    B, H, L, d = x.shape
+    return x.transpose(1, 2).reshape(B, L, H * d)  # (B, L, E)
+
+
+class MultiHeadAttention(nn.Module):
+    """H heads of width E / H side by side, mixed by out_proj; batch first, True = may attend."""
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, query, key, value, mask=None):
+        q = split_heads(self.q_proj(query), self.num_heads)  # (B, H, Lq, d)
+        k = split_heads(self.k_proj(key), self.num_heads)  # (B, H, Lk, d)
+        v = split_heads(self.v_proj(value), self.num_heads)  # (B, H, Lk, d)
+        out, weights = scaled_dot_product_attention(q, k, v, mask)  # (B, H, Lq, d)
+        if self.training and self.dropout.p > 0:
+            out = self.dropout(weights) @ v  # weights are returned as computed, before dropout
+        return self.out_proj(merge_heads(out)), weights  # (B, Lq, E), (B, H, Lq, Lk)

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
 PASSED = "passed"
 FAILED = "failed"
@@ -269,3 +271,39 @@ def randn(*shape: int, seed: int, dtype=torch.float32, device="cpu", scale=1.0) 
     """Seeded normal samples, drawn on the CPU so every device sees the same numbers."""
     t = torch.randn(*shape, generator=seeded(seed), dtype=torch.float64) * scale
     return t.to(dtype=dtype, device=device)
+
+
+def load_linears(module: nn.Module, weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]]):
+    """Copy (weight, bias) into the module's nn.Linear layers of those names, checking each
+    exists with the right shape and bias; the module must already have the weights' dtype."""
+    for name, (w, b) in weights.items():
+        layer = getattr(module, name, None)
+        if not isinstance(layer, nn.Linear):
+            raise CheckFailed(f"{name} should be an nn.Linear, found {type(layer).__name__}.")
+        n_out, n_in = w.shape
+        if tuple(layer.weight.shape) != (n_out, n_in) or (layer.bias is not None) != (
+            b is not None
+        ):
+            raise CheckFailed(
+                f"{name} should be nn.Linear({n_in}, {n_out}, bias={b is not None}); found "
+                f"weight {tuple(layer.weight.shape)}, bias {layer.bias is not None}."
+            )
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            if b is not None:
+                layer.bias.copy_(b)
+
+
+class LibraryCalls(TorchFunctionMode):
+    """Records calls of the given PyTorch functions, however the learner reached them
+    (an alias, getattr, or a module such as nn.MultiheadAttention that calls them)."""
+
+    def __init__(self, *forbidden):
+        super().__init__()
+        self.forbidden = forbidden
+        self.called = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.forbidden:
+            self.called.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))

@@ -12,16 +12,17 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from .core import (
     Case,
     CheckFailed,
     Exercise,
+    LibraryCalls,
     Mistake,
     attempt,
     expect_close,
     expect_shape,
+    load_linears,
     randn,
     seeded,
 )
@@ -305,25 +306,9 @@ def _masked_keys_get_zero_weight(fn, reveal):
         )
 
 
-class _LibraryCalls(TorchFunctionMode):
-    """Records calls of PyTorch's own attention, however the learner imported it."""
-
-    def __init__(self):
-        super().__init__()
-        self.called = False
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if (
-            func is F.scaled_dot_product_attention
-            or func is torch._C._nn.scaled_dot_product_attention
-        ):
-            self.called = True
-        return func(*args, **(kwargs or {}))
-
-
 def _no_library_call(fn, reveal):
     q, k, v = _inputs((2,), 3, 3, 4, 4, seed=5)
-    with _LibraryCalls() as calls:
+    with LibraryCalls(F.scaled_dot_product_attention) as calls:
         _call(fn, q, k, v, torch.ones(3, 3, dtype=torch.bool).tril())
     if calls.called:
         raise CheckFailed(
@@ -523,23 +508,8 @@ def _weights(embed_dim, bias, seed, dtype):
 
 
 def _build(cls, embed_dim, bias, weights, dtype, device="cpu"):
-    module = cls(embed_dim, bias=bias)
-    for name in PROJECTIONS:
-        layer = getattr(module, name, None)
-        if not isinstance(layer, nn.Linear):
-            raise CheckFailed(f"{name} should be an nn.Linear, found {type(layer).__name__}.")
-        expected = (embed_dim, embed_dim)
-        if tuple(layer.weight.shape) != expected or (layer.bias is not None) != bias:
-            raise CheckFailed(
-                f"{name} should be nn.Linear({embed_dim}, {embed_dim}, bias={bias}); found "
-                f"weight {tuple(layer.weight.shape)}, bias {layer.bias is not None}."
-            )
-    module = module.to(dtype=dtype)
-    with torch.no_grad():
-        for name, (w, b) in zip(PROJECTIONS, weights, strict=True):
-            getattr(module, name).weight.copy_(w)
-            if b is not None:
-                getattr(module, name).bias.copy_(b)
+    module = cls(embed_dim, bias=bias).to(dtype)
+    load_linears(module, dict(zip(PROJECTIONS, weights, strict=True)))
     return module.to(device)
 
 
