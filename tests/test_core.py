@@ -10,9 +10,11 @@ from transformer_course.checks.core import (
     NOT_ATTEMPTED,
     Case,
     CheckFailed,
+    CpuTensorUsed,
     Exercise,
     LibraryCalls,
     Mistake,
+    NoCpuTensors,
     describe,
     expect_close,
     load_linears,
@@ -111,3 +113,13 @@ def test_load_linears_explains_a_missing_or_misshapen_layer():
 def test_passed_needs_at_least_one_case_run():
     empty = Exercise("nothing", (), ())
     assert not empty.report(lambda x: x).passed
+
+
+def test_cpu_tensors_on_meta_are_caught_even_where_meta_would_run_them():
+    """On meta, an embedding looked up with CPU positions runs; on a GPU it fails."""
+    weight = torch.empty(10, 4, device="meta")
+    F.embedding(torch.arange(3), weight)  # no error on meta
+    with pytest.raises(CpuTensorUsed, match="embedding"), NoCpuTensors():
+        F.embedding(torch.arange(3), weight)
+    with NoCpuTensors():  # a CPU tensor copied to the device, or a CPU scalar, is fine
+        F.embedding(torch.arange(3).to("meta"), weight) * torch.tensor(2.0)

@@ -12,6 +12,10 @@ REFERENCES = {
     "split_heads": model.split_heads,
     "merge_heads": model.merge_heads,
     "multi_head_attention": model.MultiHeadAttention,
+    "sinusoidal_positional_encoding": model.sinusoidal_positional_encoding,
+    "sinusoidal_positional_encoding_module": model.SinusoidalPositionalEncoding,
+    "learned_positional_embedding": model.LearnedPositionalEmbedding,
+    "apply_rotary_embedding": model.apply_rotary_embedding,
 }
 
 

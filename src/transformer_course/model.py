@@ -76,3 +76,62 @@ class MultiHeadAttention(nn.Module):
         if self.training and self.dropout.p > 0:
             out = self.dropout(weights) @ v  # weights are returned as computed, before dropout
         return self.out_proj(merge_heads(out)), weights  # (B, Lq, E), (B, H, Lq, Lk)
+
+
+# Chapter 3: positional encoding
+
+
+def sinusoidal_positional_encoding(num_positions, dim, device=None, dtype=torch.float32):
+    """The (num_positions, dim) table PE[p, 2i] = sin(p ω_i), PE[p, 2i+1] = cos(p ω_i), with
+    ω_i = 10000^(-2i/dim); dim must be even."""
+    if dim % 2 != 0:
+        raise ValueError(f"dim must be even, since sines and cosines come in pairs; got {dim}")
+    position = torch.arange(num_positions, device=device, dtype=dtype)  # (P,)
+    omega = 10000.0 ** (-torch.arange(0, dim, 2, device=device, dtype=dtype) / dim)  # (dim/2,)
+    angle = position[:, None] * omega  # (P, dim/2)
+    return torch.stack([angle.sin(), angle.cos()], dim=-1).flatten(-2)  # (P, dim), interleaved
+
+
+class SinusoidalPositionalEncoding(nn.Module):
+    """dropout(x + PE[:L]) for x (B, L, dim); the table is a buffer of max_len rows."""
+
+    def __init__(self, dim, max_len=5000, dropout=0.0):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.register_buffer("pe", sinusoidal_positional_encoding(max_len, dim))  # (max_len, dim)
+
+    def forward(self, x):
+        length, max_len = x.size(1), self.pe.size(0)
+        if length > max_len:
+            raise ValueError(f"sequence length {length} is longer than max_len={max_len}")
+        return self.dropout(x + self.pe[:length].to(x.dtype))  # (B, L, dim)
+
+
+class LearnedPositionalEmbedding(nn.Module):
+    """x + embedding(0, 1, ..., L-1) for x (B, L, dim): a trained vector per position."""
+
+    def __init__(self, max_len, dim):
+        super().__init__()
+        self.embedding = nn.Embedding(max_len, dim)  # (max_len, dim) weight
+
+    def forward(self, x):
+        length, max_len = x.size(1), self.embedding.num_embeddings
+        if length > max_len:
+            raise ValueError(f"sequence length {length} is longer than max_len={max_len}")
+        return x + self.embedding(torch.arange(length, device=x.device))  # (B, L, dim)
+
+
+def apply_rotary_embedding(x, positions=None):
+    """RoPE: rotates each pair (x[..., 2i], x[..., 2i+1]) of x (..., L, dim) by the angle
+    positions[l] · ω_i, ω_i = 10000^(-2i/dim); positions (L,) default to 0, 1, ..., L-1."""
+    length, dim = x.shape[-2:]
+    if dim % 2 != 0:
+        raise ValueError(f"dim must be even, since dimensions are rotated in pairs; got {dim}")
+    if positions is None:
+        positions = torch.arange(length, device=x.device)  # (L,)
+    dtype = torch.promote_types(x.dtype, torch.float32)  # angles in at least float32
+    omega = 10000.0 ** (-torch.arange(0, dim, 2, device=x.device, dtype=dtype) / dim)  # (dim/2,)
+    angle = positions.to(x.device, dtype)[:, None] * omega  # (L, dim/2)
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    a, b = x[..., 0::2], x[..., 1::2]  # (..., L, dim/2) each
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)  # (..., L, dim)

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 PASSED = "passed"
 FAILED = "failed"
@@ -307,3 +309,60 @@ class LibraryCalls(TorchFunctionMode):
         if func in self.forbidden:
             self.called.append(getattr(func, "__name__", str(func)))
         return func(*args, **(kwargs or {}))
+
+
+def expect_device(what: str, yours: Any, device: torch.device | str) -> None:
+    """A result must live where its inputs do."""
+    device = torch.device(device)
+    if isinstance(yours, torch.Tensor) and yours.device.type != device.type:
+        raise CheckFailed(f"{what} is on {yours.device}, the input on {device}.")
+
+
+def expect_value_error(call: Callable[[], Any], what: str, mistake: Mistake | None) -> None:
+    """call() must raise ValueError; anything else fails, naming `mistake`."""
+    try:
+        result = call()
+    except ValueError:
+        return
+    except NotImplementedError:
+        raise
+    except Exception as error:
+        raise CheckFailed(
+            f"{what}: your code raised {type(error).__name__}: {error}\n  expected a ValueError "
+            "whose message says what is wrong.",
+            mistake,
+        ) from None
+    raise CheckFailed(
+        f"{what}: yours returned {describe(result, False)}, expected a ValueError.", mistake
+    )
+
+
+class CpuTensorUsed(RuntimeError):
+    """On the meta device: an operation was handed a CPU tensor besides meta ones."""
+
+
+class NoCpuTensors(TorchDispatchMode):
+    """Raises CpuTensorUsed when a tensor made on the CPU meets a meta one: what fails on a GPU.
+    Some such mixes run on meta without it (an embedding looked up with CPU positions). CPU
+    scalars and indices are let through, since CUDA accepts them."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        cpu = [t for t in tensors if t.device.type == "cpu" and t.dim() > 0]
+        if cpu and func is not torch.ops.aten.index.Tensor and any(t.is_meta for t in tensors):
+            raise CpuTensorUsed(
+                f"{func.overloadpacket.__name__} got a tensor of shape {tuple(cpu[0].shape)} on "
+                "the CPU besides the input on the meta device: create tensors with "
+                "device=x.device, or keep them in a registered buffer."
+            )
+        return func(*args, **(kwargs or {}))
+
+
+def on_meta(call: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """call, run under NoCpuTensors: for the meta-device cases and their diagnosis."""
+
+    def rerun(impl):
+        with NoCpuTensors():
+            return call(impl)
+
+    return rerun

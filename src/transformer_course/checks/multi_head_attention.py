@@ -19,8 +19,11 @@ from .core import (
     Mistake,
     attempt,
     expect_close,
+    expect_device,
     expect_shape,
+    expect_value_error,
     load_linears,
+    on_meta,
     randn,
     seeded,
 )
@@ -242,8 +245,8 @@ MODULE_MISTAKES = (
     ),
     Mistake(
         "weights_after_dropout",
-        "the returned weights are the ones after dropout; return them before dropout, as "
-        "nn.MultiheadAttention does, and use the dropped ones only to mix the values.",
+        "the returned weights are the ones after dropout. Return them before dropout (they "
+        "are what you plot and inspect) and use the dropped ones only to mix the values.",
         _WeightsAfterDropout,
     ),
     Mistake(
@@ -275,9 +278,9 @@ def _check_movement(fn, x, expected, mistakes, reveal, what, *args):
     def rerun(impl):
         return impl(x.clone(), *args)
 
+    rerun = on_meta(rerun) if x.device.type == "meta" else rerun
     yours = attempt(rerun, fn, mistakes, f"x {tuple(x.shape)}")
-    if isinstance(yours, torch.Tensor) and yours.device != x.device:
-        raise CheckFailed(f"Your result is on {yours.device}, the input on {x.device}.")
+    expect_device("Your result", yours, x.device)
     if x.device.type == "meta":
         return expect_shape(what, yours, tuple(expected.shape), x.dtype)
     expect_close(what, yours, expected.cpu(), atol=0, rtol=0, reveal=reveal, rerun=rerun,
@@ -417,8 +420,7 @@ def _run(cls, query, key, value, mask, h, bias=True, seed=100, dropout=0.0):
     yours = attempt(rerun, cls, MODULE_MISTAKES, shapes)
     if not (isinstance(yours, tuple) and len(yours) == 2):
         raise CheckFailed("forward must return a pair (output, weights).")
-    if isinstance(yours[0], torch.Tensor) and yours[0].device != query.device:
-        raise CheckFailed(f"Your output is on {yours[0].device}, the inputs on {query.device}.")
+    expect_device("Your output", yours[0], query.device)
     return yours, expected, rerun
 
 
@@ -467,20 +469,8 @@ def _cross_attention(cls, reveal):
 
 
 def _not_divisible(cls, reveal):
-    try:
-        cls(10, 3)
-    except ValueError:
-        return
-    except NotImplementedError:
-        raise
-    except Exception as error:
-        raise CheckFailed(
-            f"MultiHeadAttention(10, 3) raised {type(error).__name__}, expected ValueError.",
-            MODULE_MISTAKE["no_divisibility_check"],
-        ) from None
-    raise CheckFailed(
-        "MultiHeadAttention(10, 3) did not raise.", MODULE_MISTAKE["no_divisibility_check"]
-    )
+    expect_value_error(lambda: cls(10, 3), "MultiHeadAttention(10, 3)",
+                       MODULE_MISTAKE["no_divisibility_check"])  # fmt: skip
 
 
 def _no_library_call(cls, reveal):
@@ -596,7 +586,8 @@ def _on_device(device):
                 return module(meta_x, meta_x, meta_x, meta_mask)
 
             given = "None" if meta_mask is None else "(2, 1, 5, 5)"
-            out, w = attempt(rerun, cls, MODULE_MISTAKES, f"on the meta device, mask {given}")
+            context = f"on the meta device, mask {given}"
+            out, w = attempt(on_meta(rerun), cls, MODULE_MISTAKES, context)
             expect_shape("output on meta", out, (2, 5, 8), torch.float32)
             expect_shape("weights on meta", w, (2, 2, 5, 5), torch.float32)
 

@@ -11,7 +11,7 @@ from nbgrader.preprocessors import ClearSolutions
 
 from .course import assignments, load_config
 
-STUB = '# YOUR CODE HERE\nraise NotImplementedError("{exercise}: replace this line with your code")'
+STUB = '# YOUR CODE HERE\nraise NotImplementedError("{exercise}: replace with your code")'
 
 
 class ClearSolutionsWithId(ClearSolutions):
