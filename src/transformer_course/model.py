@@ -135,3 +135,124 @@ def apply_rotary_embedding(x, positions=None):
     cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
     a, b = x[..., 0::2], x[..., 1::2]  # (..., L, dim/2) each
     return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)  # (..., L, dim)
+
+
+# Chapter 4: position-wise feed-forward network
+
+ACTIVATIONS = {"relu": nn.functional.relu, "gelu": nn.functional.gelu}
+
+
+class FeedForward(nn.Module):
+    """The same two-layer MLP at every position: linear2(dropout(activation(linear1(x))))."""
+
+    def __init__(self, embed_dim, hidden_dim, dropout=0.0, activation="relu"):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        self.linear1 = nn.Linear(embed_dim, hidden_dim)
+        self.linear2 = nn.Linear(hidden_dim, embed_dim)
+        self.activation = ACTIVATIONS[activation]
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))  # (..., E)
+
+
+# Chapter 5: layer normalization and residual connections
+
+
+class LayerNorm(nn.Module):
+    """Normalize over the last len(normalized_shape) dimensions, then scale and shift."""
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True):
+        super().__init__()
+        if isinstance(normalized_shape, int):
+            normalized_shape = (normalized_shape,)
+        self.normalized_shape, self.eps = tuple(normalized_shape), eps
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.ones(self.normalized_shape))
+            self.bias = nn.Parameter(torch.zeros(self.normalized_shape))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def forward(self, x):
+        dims = tuple(range(-len(self.normalized_shape), 0))
+        mean = x.mean(dims, keepdim=True)
+        var = x.var(dims, correction=0, keepdim=True)  # biased, as nn.LayerNorm
+        y = (x - mean) / torch.sqrt(var + self.eps)
+        return y if self.weight is None else y * self.weight + self.bias
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x²) + eps) · weight over the last dimension: LayerNorm without centring."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class Residual(nn.Module):
+    """A sublayer with its skip connection: post-norm norm(x + dropout(sublayer(x))), or
+    pre-norm x + dropout(sublayer(norm(x)))."""
+
+    def __init__(self, sublayer, dim, dropout=0.0, norm_first=False):
+        super().__init__()
+        self.sublayer, self.norm_first = sublayer, norm_first
+        self.norm = LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        if self.norm_first:
+            return x + self.dropout(self.sublayer(self.norm(x)))
+        return self.norm(x + self.dropout(self.sublayer(x)))
+
+
+# Chapter 6: the transformer block
+
+
+class TransformerBlock(nn.Module):
+    """Attention then feed-forward, each with dropout, a residual and a LayerNorm: post-norm as
+    in the original paper, or pre-norm (norm_first=True) as in GPT-2 and later."""
+
+    def __init__(self, embed_dim, num_heads, ff_hidden_dim, dropout=0.1, norm_first=False):
+        super().__init__()
+        self.norm_first = norm_first
+        self.attention = MultiHeadAttention(embed_dim, num_heads, dropout)
+        self.norm1 = LayerNorm(embed_dim)
+        self.norm2 = LayerNorm(embed_dim)
+        self.ff = FeedForward(embed_dim, ff_hidden_dim, dropout)
+        self.dropout = nn.Dropout(dropout)
+
+    def attend(self, x, mask=None):
+        return self.dropout(self.attention(x, x, x, mask)[0])
+
+    def forward(self, x, mask=None):
+        if self.norm_first:
+            x = x + self.attend(self.norm1(x), mask)
+            return x + self.dropout(self.ff(self.norm2(x)))
+        x = self.norm1(x + self.attend(x, mask))
+        return self.norm2(x + self.dropout(self.ff(x)))  # (B, L, E)
+
+
+class TransformerEncoder(nn.Module):
+    """num_layers blocks; pre-norm stacks end with one more LayerNorm, as in GPT-2."""
+
+    def __init__(
+        self, num_layers, embed_dim, num_heads, ff_hidden_dim, dropout=0.1, norm_first=False
+    ):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            TransformerBlock(embed_dim, num_heads, ff_hidden_dim, dropout, norm_first)
+            for _ in range(num_layers)
+        )
+        self.norm = LayerNorm(embed_dim) if norm_first else None
+
+    def forward(self, x, mask=None):
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x if self.norm is None else self.norm(x)
