@@ -14,3 +14,13 @@ def reversal_batch(batch_size, length=8, vocab_size=10, generator=None, device=N
     """
     inputs = torch.randint(vocab_size, (batch_size, length), generator=generator)
     return inputs.to(device), inputs.flip(-1).to(device)
+
+
+def sorting_batch(batch_size, length=8, vocab_size=10, generator=None, device=None):
+    """(inputs, targets), each (batch_size, length): random digits and the same digits sorted.
+
+    Output position i holds the i-th smallest digit: each position has to compare its digit
+    with every other one, which is what attention does.
+    """
+    inputs = torch.randint(vocab_size, (batch_size, length), generator=generator)
+    return inputs.to(device), inputs.sort(dim=-1).values.to(device)
