@@ -22,8 +22,11 @@ book: $(READY)
 	$(BIN)/jupyter-book build . --warningiserror --keep-going
 	@echo "Open $(CURDIR)/_build/html/index.html in a browser."
 
+# One thread per process: two test workers, each with its own notebook kernels, on two cores.
+# More threads than cores makes torch's CPU kernels wait on each other, many times slower.
 test: $(READY) lint
-	$(BIN)/python -m pytest -n 2 --dist loadfile --nbval --nbval-current-env tests book
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile --nbval --nbval-current-env \
+		--durations=10 tests book
 
 lint: $(READY)
 	$(BIN)/ruff check src tests $(NOTEBOOK_CODE)

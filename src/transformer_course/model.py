@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .data import sorting_batch
+
 
 def scaled_dot_product_attention(q, k, v, mask=None):
     """softmax(q kᵀ / √d_k) v over any leading dimensions; returns (output, weights).
@@ -256,3 +258,40 @@ class TransformerEncoder(nn.Module):
         for layer in self.layers:
             x = layer(x, mask)
         return x if self.norm is None else self.norm(x)
+
+
+class SortingModel(nn.Module):
+    """Digits in, logits of the same digits sorted out: token embeddings, learned positions,
+    a pre-norm encoder and a linear head at every position."""
+
+    def __init__(self, vocab_size=10, max_len=8, embed_dim=64, num_heads=4, ff_hidden_dim=128,
+                 num_layers=2):  # fmt: skip
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed_dim)
+        self.positions = LearnedPositionalEmbedding(max_len, embed_dim)
+        self.encoder = TransformerEncoder(
+            num_layers, embed_dim, num_heads, ff_hidden_dim, dropout=0.0, norm_first=True
+        )
+        self.head = nn.Linear(embed_dim, vocab_size)
+
+    def forward(self, tokens):
+        x = self.positions(self.embed(tokens))  # (B, L, E)
+        return self.head(self.encoder(x))  # (B, L, vocab_size)
+
+
+def train_sorting_model(model, num_steps, batch_size=128, lr=3e-3):
+    """AdamW with a one-cycle learning rate on fresh sorting_batch batches."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=num_steps, pct_start=0.1
+    )
+    device = next(model.parameters()).device
+    model.train()
+    for _ in range(num_steps):
+        tokens, targets = sorting_batch(batch_size, device=device)
+        loss = nn.functional.cross_entropy(model(tokens).flatten(0, 1), targets.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return model

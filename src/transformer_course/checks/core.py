@@ -9,8 +9,10 @@ reruns every catalogued mistake on the same inputs and names the one that reprod
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from types import FunctionType
 from typing import Any
 
 import torch
@@ -105,18 +107,80 @@ class Report:
         return self
 
 
+USES_REFERENCE = Mistake(
+    "uses_reference",
+    "the answer runs the course's own implementation from transformer_course.model (imported, "
+    "wrapped or subclassed). Earlier chapters' components are yours to import; this "
+    "exercise's is yours to write.",
+    None,
+)
+
+
 @dataclass(frozen=True)
 class Exercise:
     id: str  # the exercise id: also the solution cell's grade_id and the stub's message
     cases: tuple[Case, ...]
     mistakes: tuple[Mistake, ...]  # the catalogue, in the order diagnosis tries it
+    reference: Any = None  # the course's answer, from transformer_course.model
+    also_forbidden: tuple = ()  # other course components an answer must not run
 
-    def report(self, impl: Any, suite: str = "visible") -> Report:
-        return run_cases(self.id, self.cases, impl, suite)
+    def report(self, impl: Any, suite: str = "visible", reference_allowed: bool = False):
+        """Run one suite. An answer that runs the course's reference code earns nothing;
+        only the course's own tests of that reference set reference_allowed."""
+        forbidden = () if reference_allowed else (self.reference, *self.also_forbidden)
+        with ReferenceCalls(forbidden) as calls:
+            report = run_cases(self.id, self.cases, impl, suite)
+        if calls.called:
+            report.results.append(
+                CaseResult(
+                    "is your own code, not the course's reference",
+                    FAILED,
+                    f"Your answer runs transformer_course.model's {calls.called[0]}.",
+                    USES_REFERENCE.id,
+                    USES_REFERENCE.explanation,
+                )
+            )
+        return report
 
     def check(self, impl: Any, suite: str = "visible") -> None:
         """What a notebook's test cell calls: print the report, or raise with it."""
         print(self.report(impl, suite).raise_for_status())
+
+
+class ReferenceCalls:
+    """Records calls of the given functions and classes' methods, by their code objects, so
+    that an alias, a wrapper or a subclass is seen as well as the object itself."""
+
+    def __init__(self, objects: Sequence[Any]):
+        self.codes = {}
+        for obj in _flatten(objects):
+            functions = vars(obj).values() if isinstance(obj, type) else [obj]
+            for f in functions:
+                if isinstance(f, FunctionType):
+                    self.codes[f.__code__] = f.__qualname__
+        self.called: list[str] = []
+
+    def _profile(self, frame, event, arg):
+        if event == "call" and frame.f_code in self.codes:
+            self.called.append(self.codes[frame.f_code])
+
+    def __enter__(self):
+        if self.codes:
+            self.previous = sys.getprofile()
+            sys.setprofile(self._profile)
+        return self
+
+    def __exit__(self, *exc):
+        if self.codes:
+            sys.setprofile(self.previous)
+
+
+def _flatten(objects):
+    for obj in objects:
+        if isinstance(obj, tuple):
+            yield from _flatten(obj)
+        elif obj is not None:
+            yield obj
 
 
 def available_devices() -> list[str]:
@@ -333,7 +397,7 @@ def expect_value_error(call: Callable[[], Any], what: str, mistake: Mistake | No
             mistake,
         ) from None
     raise CheckFailed(
-        f"{what}: yours returned {describe(result, False)}, expected a ValueError.", mistake
+        f"{what}: yours returned a {type(result).__name__}, expected a ValueError.", mistake
     )
 
 

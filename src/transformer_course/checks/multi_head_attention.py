@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import model
 from .core import (
     Case,
     CheckFailed,
@@ -351,6 +352,7 @@ SPLIT_HEADS = Exercise(
     "split_heads",
     _movement_cases("split_heads", _split_shape, _split_values, _split_shapes),
     SPLIT_MISTAKES,
+    reference=model.split_heads,
 )
 MERGE_HEADS = Exercise(
     "merge_heads",
@@ -362,6 +364,7 @@ MERGE_HEADS = Exercise(
         (Case("undoes split_heads", "hidden", _merge_undoes_split),),
     ),  # fmt: skip
     MERGE_MISTAKES,
+    reference=model.merge_heads,
 )
 
 
@@ -618,6 +621,7 @@ MULTI_HEAD_ATTENTION = Exercise(
         Case("runs on CUDA", "hidden", _on_device("cuda"), "cuda"),
     ),  # fmt: skip
     MODULE_MISTAKES,
+    reference=model.MultiHeadAttention,
 )
 
 check_split_heads = SPLIT_HEADS.check

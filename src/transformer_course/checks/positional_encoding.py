@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import model
 from .core import (
     Case,
     CheckFailed,
@@ -232,6 +233,7 @@ SINUSOIDAL_POSITIONAL_ENCODING = Exercise(
         Case("PE[pos + k] is a fixed rotation M_k of PE[pos]", "hidden", _table_rotation),
     ),
     TABLE_MISTAKES,
+    reference=model.sinusoidal_positional_encoding,
 )
 
 
@@ -555,6 +557,7 @@ SINUSOIDAL_POSITIONAL_ENCODING_MODULE = Exercise(
         Case("runs on CUDA", "hidden", _encoding_on_device("cuda"), "cuda"),
     ),
     ENCODING_MISTAKES,
+    reference=model.SinusoidalPositionalEncoding,
 )  # fmt: skip
 
 
@@ -754,6 +757,7 @@ LEARNED_POSITIONAL_EMBEDDING = Exercise(
         Case("runs on CUDA", "hidden", _learned_on_device("cuda"), "cuda"),
     ),
     LEARNED_MISTAKES,
+    reference=model.LearnedPositionalEmbedding,
 )  # fmt: skip
 
 
@@ -1012,6 +1016,7 @@ APPLY_ROTARY_EMBEDDING = Exercise(
         Case("runs on CUDA", "hidden", _rope_on_device("cuda"), "cuda"),
     ),
     ROPE_MISTAKES,
+    reference=model.apply_rotary_embedding,
 )
 
 check_sinusoidal_positional_encoding = SINUSOIDAL_POSITIONAL_ENCODING.check

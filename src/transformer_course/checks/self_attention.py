@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import model
 from .core import (
     Case,
     CheckFailed,
@@ -424,6 +425,7 @@ SCALED_DOT_PRODUCT_ATTENTION = Exercise(
         Case("runs on CUDA", "hidden", _on_device("cuda"), "cuda"),
     ),
     SDPA_MISTAKES,
+    reference=model.scaled_dot_product_attention,
 )
 
 
@@ -656,6 +658,7 @@ SELF_ATTENTION = Exercise(
         Case("runs on CUDA", "hidden", _module_on_device("cuda"), "cuda"),
     ),
     MODULE_MISTAKES,
+    reference=model.SelfAttention,
 )
 
 check_scaled_dot_product_attention = SCALED_DOT_PRODUCT_ATTENTION.check
