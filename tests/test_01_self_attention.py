@@ -10,12 +10,10 @@ import torch.nn as nn
 from transformer_course.checks import self_attention as ch1
 from transformer_course.checks.core import FAILED, PASSED, SKIPPED, available_devices
 
+from .proofs import assert_fails_and_is_named, assert_passes
+
 SDPA = ch1.SCALED_DOT_PRODUCT_ATTENTION
 MODULE = ch1.SELF_ATTENTION
-
-
-def _reports(exercise, impl):
-    return [exercise.report(impl, suite) for suite in ("visible", "hidden")]
 
 
 # ---- correct implementations written differently from the reference -------------------
@@ -106,16 +104,12 @@ CATALOGUE = [(SDPA, m) for m in ch1.SDPA_MISTAKES] + [(MODULE, m) for m in ch1.M
 
 @pytest.mark.parametrize("exercise, impl", CORRECT, ids=[i.__name__ for _, i in CORRECT])
 def test_correct_variants_pass(exercise, impl):
-    for report in _reports(exercise, impl):
-        assert report.passed, str(report)
+    assert_passes(exercise, impl)
 
 
 @pytest.mark.parametrize("exercise, mistake", CATALOGUE, ids=[m.id for _, m in CATALOGUE])
 def test_each_catalogued_mistake_fails_and_is_named(exercise, mistake):
-    reports = _reports(exercise, mistake.impl)
-    assert not all(r.passed for r in reports), f"{mistake.id} passed every check"
-    named = [m for r in reports for m in r.mistakes]
-    assert mistake.id in named, f"{mistake.id} was diagnosed as {named}"
+    assert_fails_and_is_named(exercise, mistake)
 
 
 def test_a_mistake_is_named_in_the_visible_feedback():

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 from transformer_course.checks import multi_head_attention as ch2
 
+from .proofs import assert_fails_and_is_named, assert_passes
+
 # ---- correct implementations written differently from the reference -------------------
 
 
@@ -138,24 +140,16 @@ CATALOGUE = (
 )
 
 
-def _reports(exercise, impl):
-    return [exercise.report(impl, suite) for suite in ("visible", "hidden")]
-
-
 @pytest.mark.parametrize("exercise, impl", CORRECT, ids=[i.__name__ for _, i in CORRECT])
 def test_correct_variants_pass(exercise, impl):
-    for report in _reports(exercise, impl):
-        assert report.passed, str(report)
+    assert_passes(exercise, impl)
 
 
 @pytest.mark.parametrize(
     "exercise, mistake", CATALOGUE, ids=[f"{e.id}-{m.id}" for e, m in CATALOGUE]
 )
 def test_each_catalogued_mistake_fails_and_is_named(exercise, mistake):
-    reports = _reports(exercise, mistake.impl)
-    assert not all(r.passed for r in reports), f"{mistake.id} passed every check"
-    named = [m for r in reports for m in r.mistakes]
-    assert mistake.id in named, f"{mistake.id} was diagnosed as {named}"
+    assert_fails_and_is_named(exercise, mistake)
 
 
 def test_the_article_trap_is_caught():

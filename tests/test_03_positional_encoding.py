@@ -11,14 +11,12 @@ import torch.nn.functional as F
 from transformer_course.checks import positional_encoding as ch3
 from transformer_course.checks.core import FAILED, PASSED, SKIPPED, available_devices
 
+from .proofs import assert_fails_and_is_named, assert_passes, reports
+
 TABLE = ch3.SINUSOIDAL_POSITIONAL_ENCODING
 ENCODING = ch3.SINUSOIDAL_POSITIONAL_ENCODING_MODULE
 LEARNED = ch3.LEARNED_POSITIONAL_EMBEDDING
 ROPE = ch3.APPLY_ROTARY_EMBEDDING
-
-
-def _reports(exercise, impl):
-    return [exercise.report(impl, suite) for suite in ("visible", "hidden")]
 
 
 # ---- correct implementations written differently from the reference -------------------
@@ -220,16 +218,12 @@ CATALOGUE = [
 
 @pytest.mark.parametrize("exercise, impl", CORRECT, ids=[i.__name__ for _, i in CORRECT])
 def test_correct_variants_pass(exercise, impl):
-    for report in _reports(exercise, impl):
-        assert report.passed, str(report)
+    assert_passes(exercise, impl)
 
 
 @pytest.mark.parametrize("exercise, mistake", CATALOGUE, ids=[m.id for _, m in CATALOGUE])
 def test_each_catalogued_mistake_fails_and_is_named(exercise, mistake):
-    reports = _reports(exercise, mistake.impl)
-    assert not all(r.passed for r in reports), f"{mistake.id} passed every check"
-    named = [m for r in reports for m in r.mistakes]
-    assert mistake.id in named, f"{mistake.id} was diagnosed as {named}"
+    assert_fails_and_is_named(exercise, mistake)
 
 
 def test_mistake_ids_are_unique_across_the_chapter():
@@ -293,7 +287,7 @@ def test_untouched_stubs_are_not_attempted_and_raise_not_implemented():
             raise NotImplementedError("replace this line with your code")
 
     for exercise, impl in ((TABLE, stub), (ENCODING, StubModule), (LEARNED, StubModule)):
-        for report in _reports(exercise, impl):
+        for report in reports(exercise, impl):
             assert report.not_attempted and not report.passed, str(report)
     with pytest.raises(NotImplementedError, match="not attempted yet"):
         ch3.check_learned_positional_embedding(StubModule)

@@ -17,11 +17,9 @@ from transformer_course.checks.core import (
     available_devices,
 )
 
+from .proofs import assert_fails_and_is_named, assert_passes, reports
+
 FEED_FORWARD = ch4.FEED_FORWARD
-
-
-def _reports(impl):
-    return [FEED_FORWARD.report(impl, suite) for suite in ("visible", "hidden")]
 
 
 # ---- correct implementations written differently from the reference -------------------
@@ -112,16 +110,12 @@ CORRECT = [FunctionalWeights, SequentialAliases, EinsumHandMask, FlattenPosition
 
 @pytest.mark.parametrize("impl", CORRECT, ids=[c.__name__ for c in CORRECT])
 def test_correct_variants_pass(impl):
-    for report in _reports(impl):
-        assert report.passed, str(report)
+    assert_passes(FEED_FORWARD, impl)
 
 
 @pytest.mark.parametrize("mistake", ch4.MISTAKES, ids=[m.id for m in ch4.MISTAKES])
 def test_each_catalogued_mistake_fails_and_is_named(mistake):
-    reports = _reports(mistake.impl)
-    assert not all(r.passed for r in reports), f"{mistake.id} passed every check"
-    named = [m for r in reports for m in r.mistakes]
-    assert mistake.id in named, f"{mistake.id} was diagnosed as {named}"
+    assert_fails_and_is_named(FEED_FORWARD, mistake)
 
 
 def test_mistake_ids_are_unique():
@@ -190,7 +184,7 @@ def test_untouched_stub_is_not_attempted_and_raises_not_implemented():
             super().__init__()
             raise NotImplementedError("feed_forward: replace with your code")
 
-    for report in _reports(Stub):
+    for report in reports(FEED_FORWARD, Stub):
         assert report.not_attempted and not report.passed, str(report)
     with pytest.raises(NotImplementedError, match="not attempted yet"):
         ch4.check_feed_forward(Stub)

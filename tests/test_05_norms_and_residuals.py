@@ -10,11 +10,9 @@ from transformer_course import model
 from transformer_course.checks import norms_and_residuals as ch5
 from transformer_course.checks.core import FAILED, PASSED, SKIPPED, available_devices, randn
 
+from .proofs import assert_fails_and_is_named, assert_passes, reports
+
 LAYER_NORM, RMS_NORM, RESIDUAL = ch5.LAYER_NORM, ch5.RMS_NORM, ch5.RESIDUAL
-
-
-def _reports(exercise, impl):
-    return [exercise.report(impl, suite) for suite in ("visible", "hidden")]
 
 
 # ---- correct implementations written differently from the reference -------------------
@@ -178,16 +176,12 @@ CATALOGUE = [(e, m) for e in (LAYER_NORM, RMS_NORM, RESIDUAL) for m in e.mistake
 
 @pytest.mark.parametrize("exercise, impl", CORRECT, ids=[i.__name__ for _, i in CORRECT])
 def test_correct_variants_pass(exercise, impl):
-    for report in _reports(exercise, impl):
-        assert report.passed, str(report)
+    assert_passes(exercise, impl)
 
 
 @pytest.mark.parametrize("exercise, mistake", CATALOGUE, ids=[m.id for _, m in CATALOGUE])
 def test_each_catalogued_mistake_fails_and_is_named(exercise, mistake):
-    reports = _reports(exercise, mistake.impl)
-    assert not all(r.passed for r in reports), f"{mistake.id} passed every check"
-    named = [m for r in reports for m in r.mistakes]
-    assert mistake.id in named, f"{mistake.id} was diagnosed as {named}"
+    assert_fails_and_is_named(exercise, mistake)
 
 
 def test_mistake_ids_are_unique_across_the_chapter():
@@ -277,7 +271,7 @@ def test_untouched_stubs_are_not_attempted_and_raise_not_implemented():
             raise NotImplementedError("replace this line with your code")
 
     for exercise in (LAYER_NORM, RMS_NORM, RESIDUAL):
-        for report in _reports(exercise, StubModule):
+        for report in reports(exercise, StubModule):
             assert report.not_attempted and not report.passed, str(report)
     with pytest.raises(NotImplementedError, match="not attempted yet"):
         ch5.check_residual(StubModule)

@@ -12,6 +12,8 @@ from transformer_course import model
 from transformer_course.checks import transformer_block as ch6
 from transformer_course.data import sorting_batch
 
+from .proofs import assert_fails_and_is_named, assert_passes
+
 # ---- correct implementations written differently from the reference -------------------
 
 
@@ -102,24 +104,16 @@ CATALOGUE = (
 )
 
 
-def _reports(exercise, impl):
-    return [exercise.report(impl, suite) for suite in ("visible", "hidden")]
-
-
 @pytest.mark.parametrize("exercise, impl", CORRECT, ids=[i.__name__ for _, i in CORRECT])
 def test_correct_variants_pass(exercise, impl):
-    for report in _reports(exercise, impl):
-        assert report.passed, str(report)
+    assert_passes(exercise, impl)
 
 
 @pytest.mark.parametrize(
     "exercise, mistake", CATALOGUE, ids=[f"{e.id}-{m.id}" for e, m in CATALOGUE]
 )
 def test_each_catalogued_mistake_fails_and_is_named(exercise, mistake):
-    reports = _reports(exercise, mistake.impl)
-    assert not all(r.passed for r in reports), f"{mistake.id} passed every check"
-    named = [m for r in reports for m in r.mistakes]
-    assert mistake.id in named, f"{mistake.id} was diagnosed as {named}"
+    assert_fails_and_is_named(exercise, mistake)
 
 
 @pytest.mark.slow
