@@ -18,3 +18,11 @@ def assert_fails_and_is_named(exercise, mistake):
     assert not all(r.passed for r in found), f"{mistake.id} passed every check"
     named = [m for r in found for m in r.mistakes]
     assert mistake.id in named, f"{mistake.id} was diagnosed as {named}"
+
+
+def assert_hidden_failures_show_no_values(exercise, impl):
+    """Hidden cases fail with shapes, dtypes and a diagnosis, never the values of their inputs."""
+    report = exercise.report(impl, "hidden")
+    failed = [r for r in report.results if r.status == "failed"]
+    assert failed and all("values [" not in r.message for r in failed), str(report)
+    return report

@@ -11,7 +11,12 @@ import torch.nn.functional as F
 from transformer_course.checks import positional_encoding as ch3
 from transformer_course.checks.core import FAILED, PASSED, SKIPPED, available_devices
 
-from .proofs import assert_fails_and_is_named, assert_passes, reports
+from .proofs import (
+    assert_fails_and_is_named,
+    assert_hidden_failures_show_no_values,
+    assert_passes,
+    reports,
+)
 
 TABLE = ch3.SINUSOIDAL_POSITIONAL_ENCODING
 ENCODING = ch3.SINUSOIDAL_POSITIONAL_ENCODING_MODULE
@@ -263,9 +268,7 @@ HIDDEN_FAILURES = [
     "exercise, mistake", HIDDEN_FAILURES, ids=[m.id for _, m in HIDDEN_FAILURES]
 )
 def test_hidden_feedback_shows_no_values(exercise, mistake):
-    report = exercise.report(mistake.impl, "hidden")
-    failed = [r for r in report.results if r.status == FAILED]
-    assert failed and all("values [" not in r.message for r in failed)
+    assert_hidden_failures_show_no_values(exercise, mistake.impl)
 
 
 def test_dtype_is_kept():

@@ -17,7 +17,12 @@ from transformer_course.checks.core import (
     available_devices,
 )
 
-from .proofs import assert_fails_and_is_named, assert_passes, reports
+from .proofs import (
+    assert_fails_and_is_named,
+    assert_hidden_failures_show_no_values,
+    assert_passes,
+    reports,
+)
 
 FEED_FORWARD = ch4.FEED_FORWARD
 
@@ -162,9 +167,7 @@ HIDDEN_FAILURES = ["dropout_after_linear2", "dropout_before_activation", "assume
 
 @pytest.mark.parametrize("mistake", HIDDEN_FAILURES)
 def test_hidden_feedback_shows_no_values(mistake):
-    report = FEED_FORWARD.report(ch4.MISTAKE[mistake].impl, "hidden")
-    failed = [r for r in report.results if r.status == FAILED]
-    assert failed and all("values [" not in r.message for r in failed)
+    report = assert_hidden_failures_show_no_values(FEED_FORWARD, ch4.MISTAKE[mistake].impl)
     assert mistake in report.mistakes
 
 

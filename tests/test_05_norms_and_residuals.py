@@ -10,7 +10,12 @@ from transformer_course import model
 from transformer_course.checks import norms_and_residuals as ch5
 from transformer_course.checks.core import FAILED, PASSED, SKIPPED, available_devices, randn
 
-from .proofs import assert_fails_and_is_named, assert_passes, reports
+from .proofs import (
+    assert_fails_and_is_named,
+    assert_hidden_failures_show_no_values,
+    assert_passes,
+    reports,
+)
 
 LAYER_NORM, RMS_NORM, RESIDUAL = ch5.LAYER_NORM, ch5.RMS_NORM, ch5.RESIDUAL
 
@@ -226,9 +231,7 @@ HIDDEN_FAILURES = [
     "exercise, mistake", HIDDEN_FAILURES, ids=[m.id for _, m in HIDDEN_FAILURES]
 )
 def test_hidden_feedback_shows_no_values(exercise, mistake):
-    report = exercise.report(mistake.impl, "hidden")
-    failed = [r for r in report.results if r.status == FAILED]
-    assert failed and all("values [" not in r.message for r in failed)
+    report = assert_hidden_failures_show_no_values(exercise, mistake.impl)
     assert mistake.id in report.mistakes
 
 
