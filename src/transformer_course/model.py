@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .data import sorting_batch
+from .data import augment, sorting_batch
 
 
 def scaled_dot_product_attention(q, k, v, mask=None):
@@ -180,9 +180,9 @@ class LayerNorm(nn.Module):
 
     def forward(self, x):
         dims = tuple(range(-len(self.normalized_shape), 0))
-        mean = x.mean(dims, keepdim=True)
-        var = x.var(dims, correction=0, keepdim=True)  # biased, as nn.LayerNorm
-        y = (x - mean) / torch.sqrt(var + self.eps)
+        centred = x - x.mean(dims, keepdim=True)
+        var = centred.pow(2).mean(dims, keepdim=True)  # biased, as nn.LayerNorm
+        y = centred * torch.rsqrt(var + self.eps)  # Tensor.var is several times slower on CPU
         return y if self.weight is None else y * self.weight + self.bias
 
 
@@ -294,4 +294,102 @@ def train_sorting_model(model, num_steps, batch_size=128, lr=3e-3):
         loss.backward()
         optimizer.step()
         schedule.step()
+    return model
+
+
+# Chapter 7: the Vision Transformer
+
+
+def patchify(images, patch_size):
+    """(B, C, H, W) -> (B, N, C·p·p) with p = patch_size and N = (H/p)·(W/p): the patches in
+    row-major order, each flattened in (channel, row, col) order, as F.unfold lays them out."""
+    B, C, H, W = images.shape
+    p = patch_size
+    if H % p or W % p:
+        raise ValueError(f"image size {H}x{W} is not divisible by patch_size={p}")
+    x = images.reshape(B, C, H // p, p, W // p, p)  # (B, C, h, p, w, p)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), C * p * p)  # (B, N, C·p·p)
+
+
+class PatchEmbedding(nn.Module):
+    """Cut (B, C, H, W) images into patches and map each one linearly to E: (B, N, E)."""
+
+    def __init__(self, image_size, patch_size, in_channels, embed_dim):
+        super().__init__()
+        self.patch_size = patch_size
+        self.num_patches = (image_size // patch_size) ** 2
+        self.proj = nn.Linear(in_channels * patch_size**2, embed_dim)
+
+    def forward(self, images):
+        return self.proj(patchify(images, self.patch_size))  # (B, N, E)
+
+
+class VisionTransformer(nn.Module):
+    """Patches, a class token, learned positions, pre-norm blocks, a final norm and a linear
+    head on the class token (pool="cls") or on the mean of the patches (pool="mean")."""
+
+    def __init__(self, image_size, patch_size, in_channels, num_classes, embed_dim, depth,
+                 num_heads, mlp_dim, dropout=0.0, pool="cls"):  # fmt: skip
+        super().__init__()
+        if pool not in ("cls", "mean"):
+            raise ValueError(f'pool must be "cls" or "mean", got {pool!r}')
+        self.pool = pool
+        self.patch_embed = PatchEmbedding(image_size, patch_size, in_channels, embed_dim)
+        num_tokens = self.patch_embed.num_patches
+        if pool == "cls":
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+            num_tokens += 1
+        else:
+            self.register_parameter("cls_token", None)  # mean pooling needs no class token
+        self.pos_embedding = nn.Parameter(0.02 * torch.randn(1, num_tokens, embed_dim))
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(embed_dim, num_heads, mlp_dim, dropout, norm_first=True)
+            for _ in range(depth)
+        )
+        self.norm = LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes)
+
+    def forward(self, images):
+        x = self.patch_embed(images)  # (B, N, E)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, E)
+        x = self.dropout(x + self.pos_embedding)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        return self.head(x[:, 0] if self.pool == "cls" else x.mean(dim=1))  # (B, num_classes)
+
+
+# The fused AdamW step trains the chapter 7 model ~10 % faster on a CPU, where torch has it
+# since 2.4; the package allows torch 2.2 so that Colab keeps the torch it ships with.
+FUSED_ADAMW = torch.torch_version.TorchVersion(torch.__version__) >= (2, 4)
+
+
+def train_vision_transformer(model, images, labels, num_epochs, batch_size=128, lr=3e-3,
+                             augmented=True, on_epoch=None):  # fmt: skip
+    """num_epochs shuffled passes over (images, labels), each image slightly turned, scaled
+    and moved if augmented, with AdamW and a one-cycle learning rate; on_epoch(epoch,
+    mean_loss), if given, is called after each pass. Trains any image classifier."""
+    device = next(model.parameters()).device
+    images, labels = images.to(device), labels.to(device)
+    steps_per_epoch = -(-len(images) // batch_size)  # ceil: the last batch may be smaller
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05, fused=FUSED_ADAMW)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=num_epochs * steps_per_epoch, pct_start=0.1
+    )
+    for epoch in range(num_epochs):
+        model.train()
+        order = torch.randperm(len(images), device=device)
+        total = 0.0
+        for batch in order.split(batch_size):
+            inputs = augment(images[batch]) if augmented else images[batch]
+            loss = nn.functional.cross_entropy(model(inputs), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(batch)
+        if on_epoch is not None:
+            on_epoch(epoch, total / len(images))
     return model

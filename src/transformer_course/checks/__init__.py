@@ -17,6 +17,12 @@ from .transformer_block import (
     TRANSFORMER_BLOCK,
     TRANSFORMER_ENCODER,
 )
+from .vision_transformer import (
+    PATCH_EMBEDDING,
+    PATCHIFY,
+    TRAIN_VISION_TRANSFORMER,
+    VISION_TRANSFORMER,
+)
 
 EXERCISES: dict[str, Exercise] = {
     exercise.id: exercise
@@ -38,6 +44,10 @@ EXERCISES: dict[str, Exercise] = {
         TRANSFORMER_ENCODER,
         SORTING_MODEL,
         TRAIN_SORTING_MODEL,
+        PATCHIFY,
+        PATCH_EMBEDDING,
+        VISION_TRANSFORMER,
+        TRAIN_VISION_TRANSFORMER,
     )
 }
 
