@@ -3,6 +3,9 @@ named for the case it represents (as in nbgrader's own test suite)."""
 
 import csv
 import json
+import subprocess
+import sys
+import time
 
 import nbformat
 import pytest
@@ -14,6 +17,7 @@ from .conftest import ROOT
 ASSIGNMENT = "01_self_attention"
 NOTEBOOK = f"{ASSIGNMENT}.ipynb"
 
+SCORES = "q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5"  # a line of the reference answer
 NAN_ON_FULLY_MASKED_ROWS = """def scaled_dot_product_attention(q, k, v, mask=None):
     scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
     if mask is not None:
@@ -34,28 +38,86 @@ def _answers():
     }
 
 
-def _submission(answers):
+def _grade_id(cell):
+    return cell.metadata.get("nbgrader", {}).get("grade_id", "")
+
+
+def _submission(answers, edit=None):
+    """The release with these answers typed in; edit(nb) may then do what a learner did."""
     nb = nbformat.read(ROOT / "exercises" / ASSIGNMENT / NOTEBOOK, as_version=4)
     for cell in nb.cells:
-        grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
-        if grade_id in answers:
-            cell.source = answers[grade_id]
+        if _grade_id(cell) in answers:
+            cell.source = answers[_grade_id(cell)]
+    if edit is not None:
+        edit(nb)
     return nbformat.writes(nb)
+
+
+def _through_colab(nb):
+    """What Colab's "Save a copy in Drive" and a download add to a notebook."""
+    nb.metadata.update(colab={"provenance": [], "name": f"Copy of {NOTEBOOK}"},
+                       accelerator="GPU")  # fmt: skip
+    for i, cell in enumerate(nb.cells):
+        cell.metadata["id"] = f"c{i:04x}"  # Colab's own cell ids
+        if cell.cell_type == "code":
+            cell.metadata["colab"] = {"base_uri": "https://localhost:8080/"}
+
+
+def _strip_nbgrader(nb):
+    _through_colab(nb)
+    for cell in nb.cells:
+        cell.metadata.pop("nbgrader", None)
+
+
+def _tests_deleted(nb):
+    nb.cells = [c for c in nb.cells if not _grade_id(c).startswith("test_")]
+
+
+def _tests_replaced_by_pass(nb):
+    for cell in nb.cells:
+        if _grade_id(cell).startswith("test_"):
+            cell.source = "pass"
+
+
+def _tests_duplicated(nb):
+    """Each test cell twice, as Jupyter's Duplicate makes it: same content, a new cell id."""
+    cells = []
+    for cell in nb.cells:
+        cells.append(cell)
+        if _grade_id(cell).startswith("test_"):
+            cells.append(nbformat.from_dict({**cell, "id": cell.id + "-copy"}))
+    nb.cells = cells
+
+
+def _metadata_forged(nb):
+    for cell in nb.cells:
+        meta = cell.metadata.get("nbgrader")
+        if meta and meta.get("grade"):
+            meta["points"] = 100
+        if meta and _grade_id(cell) == "test_self_attention":
+            meta.update(grade=False, solution=True)  # make the test cell an answer cell
+
+
+def _helper_cell_added(nb):
+    helper = nbformat.v4.new_code_cell(f"def attention_scores(q, k):\n    return {SCORES}")
+    nb.cells.insert(2, helper)  # below the imports, where the notebook says to add your own
 
 
 # student (= scenario) -> (path under SUBMISSIONS, notebook text, score, status starts with)
 def _scenarios():
     answers = _answers()
+    half = {"scaled_dot_product_attention": answers["scaled_dot_product_attention"]}
+    sdpa = answers["scaled_dot_product_attention"]
+    assert SCORES in sdpa
+    with_helper = {
+        **answers,
+        "scaled_dot_product_attention": sdpa.replace(SCORES, "attention_scores(q, k)"),
+    }
     v3 = json.dumps({"nbformat": 3, "nbformat_minor": 0, "metadata": {}, "worksheets": []})
     return {
         "complete-correct": (f"{ASSIGNMENT}/{NOTEBOOK}", _submission(answers), 10, "graded"),
         "untouched-release": (f"{ASSIGNMENT}/{NOTEBOOK}", _submission({}), 0, "graded"),
-        "half-done": (
-            f"{ASSIGNMENT}/{NOTEBOOK}",
-            _submission({"scaled_dot_product_attention": answers["scaled_dot_product_attention"]}),
-            6,
-            "graded",
-        ),
+        "half-done": (f"{ASSIGNMENT}/{NOTEBOOK}", _submission(half), 6, "graded"),
         "passes-visible-fails-hidden": (
             f"{ASSIGNMENT}/{NOTEBOOK}",
             _submission(
@@ -71,7 +133,21 @@ def _scenarios():
         "corrupt-json": (f"{ASSIGNMENT}/{NOTEBOOK}", '{"cells": [', 0, "invalid notebook"),
         "nbformat-3": (f"{ASSIGNMENT}/{NOTEBOOK}", v3, 0, "invalid notebook"),
         "unknown-notebook": ("homework.ipynb", _submission(answers), 0, "unknown assignment"),
-    }
+        "empty-file": (f"{ASSIGNMENT}/{NOTEBOOK}", "", 0, "invalid notebook: the file is empty"),
+        "colab-save-a-copy": (f"Copy of {NOTEBOOK}", _submission(answers, _through_colab), 10,
+                              "graded"),
+        "repeated-download": (f"{ASSIGNMENT} (3).ipynb", _submission(answers), 10, "graded"),
+        "nbgrader-metadata-stripped": (NOTEBOOK, _submission(answers, _strip_nbgrader), 10,
+                                       "graded"),
+        "test-cells-deleted": (NOTEBOOK, _submission(answers, _tests_deleted), 10, "graded"),
+        "test-cells-replaced-by-pass": (NOTEBOOK, _submission({}, _tests_replaced_by_pass), 0,
+                                        "graded"),
+        "test-cells-duplicated": (NOTEBOOK, _submission(answers, _tests_duplicated), 10,
+                                  "graded"),
+        "points-and-flags-forged": (NOTEBOOK, _submission(half, _metadata_forged), 6, "graded"),
+        "helper-cell-added": (NOTEBOOK, _submission(with_helper, _helper_cell_added), 10,
+                              "graded"),
+    }  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +218,42 @@ def test_usage_errors_exit_non_zero(tmp_path, capsys):
     assert main(["--course", str(ROOT), "grade", str(tmp_path / "missing"), "--out", "x"]) == 2
     assert main(["--course", str(ROOT), "grade", str(tmp_path), "--out", "x"]) == 2
     assert "no .ipynb files" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_batch_killed_midway_is_finished_by_a_rerun_and_reruns_agree(tmp_path):
+    """Kill the grader after its first autograded notebook, run it again, then once more."""
+    answers = _answers()
+    half = {"scaled_dot_product_attention": answers["scaled_dot_product_attention"]}
+    expected = {"complete-correct": 10.0, "half-done": 6.0, "untouched-release": 0.0}
+    texts = {"complete-correct": answers, "half-done": half, "untouched-release": {}}
+    folder, out = tmp_path / "submissions", tmp_path / "out"
+    for student, student_answers in texts.items():
+        path = folder / student / ASSIGNMENT / NOTEBOOK
+        path.parent.mkdir(parents=True)
+        path.write_text(_submission(student_answers))
+    command = [sys.executable, "-m", "transformer_course", "--course", str(ROOT), "grade",
+               str(folder), "--out", str(out)]  # fmt: skip
+    grader = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    autograded = out / "nbgrader" / "autograded"
+    deadline = time.monotonic() + 120
+    while not any(autograded.rglob("*.ipynb")) and grader.poll() is None:
+        assert time.monotonic() < deadline, "the grader never autograded a notebook"
+        time.sleep(0.2)
+    grader.kill()
+    grader.wait()
+    assert not (out / "grades.csv").exists(), "the batch finished before it could be killed"
+
+    assert main(["--course", str(ROOT), "grade", str(folder), "--out", str(out)]) == 0
+    first = (out / "grades.csv").read_text()
+    rows = _rows(out / "grades.csv")
+    assert {r["student"]: float(r["score"]) for r in rows} == expected
+    assert main(["--course", str(ROOT), "grade", str(folder), "--out", str(out)]) == 0
+    assert (out / "grades.csv").read_text() == first
+
+    from nbgrader.api import Gradebook
+
+    with Gradebook(f"sqlite:///{out / 'gradebook.db'}") as gb:
+        assert sorted(s.student.id for s in gb.assignment_submissions(ASSIGNMENT)) == sorted(
+            expected
+        )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -25,6 +26,7 @@ from sqlalchemy.exc import SAWarning
 from . import feedback
 from .course import assignments, load_config
 from .notebooks import TestResult, results
+from .restore import rebuild
 
 GRADED = "graded"
 
@@ -42,6 +44,17 @@ class Submission:
     test_scores: dict[str, float] = field(default_factory=dict)
 
 
+# What browsers and Colab make of a notebook's name: "Copy of X.ipynb" (Colab's "Save a copy
+# in Drive"), "X (3).ipynb" (a repeated download), "X-Copy1.ipynb" (Jupyter's Duplicate).
+_RENAMED = re.compile(r"^(?:Copy of )*(?P<stem>.+?)(?: \(\d+\)|-Copy\d+)*\.ipynb$")
+
+
+def original_name(name: str) -> str:
+    """The notebook's file name before Colab, a browser or Jupyter renamed the copy."""
+    found = _RENAMED.match(name)
+    return f"{found['stem']}.ipynb" if found else name
+
+
 def find_submissions(folder: Path, known: dict[str, list[str]]) -> list[Submission]:
     """Every .ipynb under folder, laid out as student/assignment/nb or student/nb."""
     found = []
@@ -57,13 +70,14 @@ def find_submissions(folder: Path, known: dict[str, list[str]]) -> list[Submissi
             continue
         sub = Submission(parts[0], path)
         named = parts[1] if len(parts) == 3 else None
-        sub.assignment = named if named in known else by_notebook.get(path.name)
+        name = original_name(path.name)
+        sub.assignment = named if named in known else by_notebook.get(name)
         if sub.assignment is None:
             sub.status = (
                 f"unknown assignment: {'/'.join(parts[1:])} matches none of {sorted(known)}"
             )
-        elif path.name in known[sub.assignment]:
-            sub.notebook = path.name
+        elif name in known[sub.assignment]:
+            sub.notebook = name
         elif len(known[sub.assignment]) == 1:
             sub.notebook = known[sub.assignment][0]
         else:
@@ -74,6 +88,9 @@ def find_submissions(folder: Path, known: dict[str, list[str]]) -> list[Submissi
 
 def _readable(sub: Submission) -> None:
     """Set a status for notebooks that are not valid nbformat 4 JSON."""
+    if not sub.path.read_bytes().strip():
+        sub.status = "invalid notebook: the file is empty"
+        return
     try:
         nb = nbformat.read(sub.path, as_version=nbformat.NO_CONVERT)
         if nb.get("nbformat") != 4:
@@ -128,9 +145,14 @@ def grade(root: Path, submissions: Path, out: Path) -> list[Submission]:
         if not result["success"]:
             raise RuntimeError(f"nbgrader could not prepare {name}:\n{result.get('log', '')}")
     for sub in graded:
+        # Only the learner's code is taken from the file; test cells and metadata are the
+        # release's, whatever the submission did to them.
+        release = work / "release" / sub.assignment / sub.notebook
+        notebook, _ = rebuild(nbformat.read(sub.path, as_version=4),
+                              nbformat.read(release, as_version=4))  # fmt: skip
         target = work / "submitted" / sub.student / sub.assignment / sub.notebook
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(sub.path, target)
+        nbformat.write(notebook, target)
         result = api.autograde(sub.assignment, sub.student, force=True, create=True)
         if not result["success"]:
             last = (result.get("log") or "").strip().splitlines()[-1:] or ["no log"]
