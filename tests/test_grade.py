@@ -103,6 +103,29 @@ def _helper_cell_added(nb):
     nb.cells.insert(2, helper)  # below the imports, where the notebook says to add your own
 
 
+# Forbidden shortcuts: answers that get the numbers right by running someone else's code.
+WITH_LIBRARY = """def scaled_dot_product_attention(q, k, v, mask=None):
+    scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1).nan_to_num()
+    return {call}(q, k, v, attn_mask=mask).nan_to_num(), weights"""
+LIBRARY_DIRECTLY = "import torch.nn.functional as F\n\n" + WITH_LIBRARY.format(
+    call="F.scaled_dot_product_attention"
+)
+LIBRARY_BY_NAME = "import importlib\n\n" + WITH_LIBRARY.format(
+    call='getattr(importlib.import_module("torch.nn.functional"), "scaled_dot_" + "product_'
+    'attention")'
+)
+COURSE_REFERENCE = """from transformer_course import model as course
+
+attend = course.scaled_dot_product_attention
+
+
+def scaled_dot_product_attention(q, k, v, mask=None):
+    return attend(q, k, v, mask)"""
+
+
 # student (= scenario) -> (path under SUBMISSIONS, notebook text, score, status starts with)
 def _scenarios():
     answers = _answers()
@@ -113,6 +136,10 @@ def _scenarios():
         **answers,
         "scaled_dot_product_attention": sdpa.replace(SCORES, "attention_scores(q, k)"),
     }
+
+    def shortcut(sdpa_answer):
+        return {**answers, "scaled_dot_product_attention": sdpa_answer}
+
     v3 = json.dumps({"nbformat": 3, "nbformat_minor": 0, "metadata": {}, "worksheets": []})
     return {
         "complete-correct": (f"{ASSIGNMENT}/{NOTEBOOK}", _submission(answers), 10, "graded"),
@@ -145,6 +172,11 @@ def _scenarios():
         "test-cells-duplicated": (NOTEBOOK, _submission(answers, _tests_duplicated), 10,
                                   "graded"),
         "points-and-flags-forged": (NOTEBOOK, _submission(half, _metadata_forged), 6, "graded"),
+        "library-called-directly": (NOTEBOOK, _submission(shortcut(LIBRARY_DIRECTLY)), 4,
+                                    "graded"),
+        "library-called-by-name": (NOTEBOOK, _submission(shortcut(LIBRARY_BY_NAME)), 4, "graded"),
+        "course-reference-aliased": (NOTEBOOK, _submission(shortcut(COURSE_REFERENCE)), 4,
+                                     "graded"),
         "helper-cell-added": (NOTEBOOK, _submission(with_helper, _helper_cell_added), 10,
                               "graded"),
     }  # fmt: skip
@@ -203,6 +235,17 @@ def test_feedback_explains_failures_without_hidden_test_source(graded):
         page = (out / "feedback" / student / f"{ASSIGNMENT}.html").read_text()
         assert "HIDDEN TESTS" not in page and 'suite="hidden"' not in page
         assert "suite=&quot;hidden&quot;" not in page
+
+
+@pytest.mark.slow
+def test_feedback_says_why_a_shortcut_earned_nothing(graded):
+    _, out = graded
+    for student, why in [("library-called-directly", "scaled_dot_product_attention"),
+                         ("library-called-by-name", "scaled_dot_product_attention"),
+                         ("course-reference-aliased", "uses_reference")]:  # fmt: skip
+        page = (out / "feedback" / student / f"{ASSIGNMENT}.html").read_text()
+        assert "calls_library" in page or why in page, student
+        assert "4 / 10" in page, student
 
 
 @pytest.mark.slow
