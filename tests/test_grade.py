@@ -300,3 +300,32 @@ def test_a_batch_killed_midway_is_finished_by_a_rerun_and_reruns_agree(tmp_path)
         assert sorted(s.student.id for s in gb.assignment_submissions(ASSIGNMENT)) == sorted(
             expected
         )
+
+
+LOOPS_FOREVER = """class SelfAttention(nn.Module):
+    def __init__(self, embed_dim, bias=True):
+        super().__init__()
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+
+    def forward(self, x, mask=None):
+        while True:  # never returns
+            pass"""
+
+
+@pytest.mark.slow
+def test_an_answer_that_never_returns_loses_only_its_own_points(tmp_path):
+    answers = _answers()
+    path = tmp_path / "submissions" / "infinite-loop" / ASSIGNMENT / NOTEBOOK
+    path.parent.mkdir(parents=True)
+    path.write_text(_submission({**answers, "self_attention": LOOPS_FOREVER}))
+    out = tmp_path / "out"
+    grade = ["grade", str(path.parents[2]), "--out", str(out), "--timeout", "20"]
+    assert main(["--course", str(ROOT), *grade]) == 0
+    rows = {r["test_id"]: r for r in _rows(out / "grades_by_test.csv")}
+    assert float(rows["test_scaled_dot_product_attention"]["score"]) == 6
+    assert rows["test_self_attention"]["status"] == "failed"
+    assert float(_rows(out / "grades.csv")[0]["score"]) == 6
+    page = (out / "feedback" / "infinite-loop" / f"{ASSIGNMENT}.html").read_text()
+    assert "longer than the time limit" in page

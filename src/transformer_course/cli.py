@@ -48,7 +48,7 @@ def _grade(args) -> int:
     if not any(p for p in folder.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts):
         print(f"error: no .ipynb files under {folder}", file=sys.stderr)
         return 2
-    subs = grade(args.course or find_root(), folder, Path(args.out))
+    subs = grade(args.course or find_root(), folder, Path(args.out), timeout=args.timeout)
     for s in subs:
         print(f"{s.student:>20}  {s.assignment or '?':<24} {s.score:g}/{s.max_score:g}  {s.status}")
     n_graded = sum(s.status == GRADED for s in subs)
@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     grade = commands.add_parser("grade", help="autograde a folder of submissions")
     grade.add_argument("submissions", help="folder of <student>/<assignment>/<notebook>.ipynb")
     grade.add_argument("--out", required=True, help="folder for grades, feedback and gradebook")
+    grade.add_argument(
+        "--timeout", type=int, help="seconds per cell (default: nbgrader_config.py's, 300)"
+    )
     grade.set_defaults(run=_grade)
 
     args = parser.parse_args(argv)

@@ -112,8 +112,12 @@ def _mark_duplicates(subs: list[Submission]) -> None:
             seen[key] = sub
 
 
-def grade(root: Path, submissions: Path, out: Path) -> list[Submission]:
-    """Grade everything under `submissions`; write OUT/grades.csv, grades_by_test.csv, feedback/."""
+def grade(root: Path, submissions: Path, out: Path, timeout: int | None = None) -> list[Submission]:
+    """Grade everything under `submissions`; write OUT/grades.csv, grades_by_test.csv, feedback/.
+
+    timeout: seconds a cell may run (default: nbgrader_config.py's Execute.timeout). A cell
+    that runs longer is interrupted and fails; the cells after it still run.
+    """
     known = assignments(root)
     subs = find_submissions(submissions, known)
     for sub in subs:
@@ -128,6 +132,8 @@ def grade(root: Path, submissions: Path, out: Path) -> list[Submission]:
     config.CourseDirectory.root = str(work)
     config.CourseDirectory.db_url = f"sqlite:///{(out / 'gradebook.db').resolve()}"
     config.CourseDirectory.source_directory = "source"
+    if timeout is not None:
+        config.Execute.timeout = timeout
     config.CourseDirectory.release_directory = "release"
     api = NbGraderAPI(coursedir=CourseDirectory(config=config), config=config)
     # nbgrader creates the gradebook by running `alembic` from PATH, which lacks our

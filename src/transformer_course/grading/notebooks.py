@@ -10,6 +10,12 @@ import nbformat
 from nbclient import NotebookClient
 
 PASSED, FAILED, NOT_ATTEMPTED = "passed", "failed", "not attempted"
+# How a cell that ran past the time limit ends: interrupted, or given up on by the client.
+STOPPED = ("KeyboardInterrupt", "CellTimeoutError")
+STOPPED_MESSAGE = (
+    "Stopped: the cell ran longer than the time limit. Look for a loop that never ends, or "
+    "code that is far slower than it needs to be."
+)
 
 
 @dataclass
@@ -50,6 +56,8 @@ def results(nb) -> list[TestResult]:
             error = errors[0]
             status = NOT_ATTEMPTED if error["ename"] == "NotImplementedError" else FAILED
             message = f"{error['ename']}: {error['evalue']}"
+            if error["ename"] in STOPPED:
+                message = STOPPED_MESSAGE
         verdicts.append(TestResult(meta["grade_id"], status, float(meta.get("points", 0)), message))
     return verdicts
 
