@@ -48,7 +48,9 @@ def _grade(args) -> int:
     if not any(p for p in folder.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts):
         print(f"error: no .ipynb files under {folder}", file=sys.stderr)
         return 2
-    subs = grade(args.course or find_root(), folder, Path(args.out), timeout=args.timeout)
+    subs = grade(
+        args.course or find_root(), folder, Path(args.out), timeout=args.timeout, jobs=args.jobs
+    )
     for s in subs:
         print(f"{s.student:>20}  {s.assignment or '?':<24} {s.score:g}/{s.max_score:g}  {s.status}")
     n_graded = sum(s.status == GRADED for s in subs)
@@ -76,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     grade.add_argument("--out", required=True, help="folder for grades, feedback and gradebook")
     grade.add_argument(
         "--timeout", type=int, help="seconds per cell (default: nbgrader_config.py's, 300)"
+    )
+    grade.add_argument(
+        "--jobs", type=int, help="notebooks graded at once (default: one per CPU core)"
     )
     grade.set_defaults(run=_grade)
 

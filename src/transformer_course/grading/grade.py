@@ -9,11 +9,13 @@ feedback pages that quote each failing test's diagnosis but never its source.
 from __future__ import annotations
 
 import csv
+import multiprocessing
 import os
 import re
 import shutil
 import sys
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,11 +114,14 @@ def _mark_duplicates(subs: list[Submission]) -> None:
             seen[key] = sub
 
 
-def grade(root: Path, submissions: Path, out: Path, timeout: int | None = None) -> list[Submission]:
+def grade(
+    root: Path, submissions: Path, out: Path, timeout: int | None = None, jobs: int | None = None
+) -> list[Submission]:
     """Grade everything under `submissions`; write OUT/grades.csv, grades_by_test.csv, feedback/.
 
     timeout: seconds a cell may run (default: nbgrader_config.py's Execute.timeout). A cell
     that runs longer is interrupted and fails; the cells after it still run.
+    jobs: notebooks graded at once (default: one per CPU core).
     """
     known = assignments(root)
     subs = find_submissions(submissions, known)
@@ -159,16 +164,37 @@ def grade(root: Path, submissions: Path, out: Path, timeout: int | None = None) 
         target = work / "submitted" / sub.student / sub.assignment / sub.notebook
         target.parent.mkdir(parents=True, exist_ok=True)
         nbformat.write(notebook, target)
-        result = api.autograde(sub.assignment, sub.student, force=True, create=True)
-        if not result["success"]:
-            last = (result.get("log") or "").strip().splitlines()[-1:] or ["no log"]
-            sub.status = f"autograde failed: {last[0][:200]}"
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(graded)))
+    # Kernels that each start a thread per core on a shared CPU wait on each other, many
+    # times slower than one thread each.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    if jobs == 1:
+        outcomes = [_autograde(config, s.assignment, s.student) for s in graded]
+    else:  # spawned, not forked: a fork would share the parent's database and ZMQ state
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(jobs, mp_context=spawn) as pool:
+            outcomes = list(pool.map(_autograde, [config] * len(graded),
+                                     [s.assignment for s in graded],
+                                     [s.student for s in graded]))  # fmt: skip
+    for sub, failure in zip(graded, outcomes, strict=True):
+        if failure:
+            sub.status = f"autograde failed: {failure}"
     _read_gradebook(config.CourseDirectory.db_url, work, subs, known)
     _write_tables(out, subs)
     for sub in subs:
         if sub.assignment:
             feedback.write(out / "feedback" / sub.student / f"{sub.assignment}.html", sub)
     return subs
+
+
+def _autograde(config, assignment: str, student: str) -> str:
+    """nbgrader's autograde of one student's assignment; what went wrong, or ""."""
+    warnings.filterwarnings("ignore", category=SAWarning)  # again: this may be a new process
+    api = NbGraderAPI(coursedir=CourseDirectory(config=config), config=config)
+    result = api.autograde(assignment, student, force=True, create=True)
+    if result["success"]:
+        return ""
+    return ((result.get("log") or "").strip().splitlines()[-1:] or ["no log"])[0][:200]
 
 
 def _read_gradebook(db_url: str, work: Path, subs: list[Submission], known) -> None:
