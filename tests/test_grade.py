@@ -26,9 +26,9 @@ NAN_ON_FULLY_MASKED_ROWS = """def scaled_dot_product_attention(q, k, v, mask=Non
     return weights @ v, weights"""
 
 
-def _answers():
+def _answers(assignment=ASSIGNMENT):
     """The reference answers as a learner would type them: solution cells without markers."""
-    source = nbformat.read(ROOT / "solutions" / ASSIGNMENT / NOTEBOOK, as_version=4)
+    source = nbformat.read(ROOT / "solutions" / assignment / f"{assignment}.ipynb", as_version=4)
     return {
         c.metadata["nbgrader"]["grade_id"]: "\n".join(
             line for line in c.source.splitlines() if "### " not in line
@@ -42,9 +42,9 @@ def _grade_id(cell):
     return cell.metadata.get("nbgrader", {}).get("grade_id", "")
 
 
-def _submission(answers, edit=None):
+def _submission(answers, edit=None, assignment=ASSIGNMENT):
     """The release with these answers typed in; edit(nb) may then do what a learner did."""
-    nb = nbformat.read(ROOT / "exercises" / ASSIGNMENT / NOTEBOOK, as_version=4)
+    nb = nbformat.read(ROOT / "exercises" / assignment / f"{assignment}.ipynb", as_version=4)
     for cell in nb.cells:
         if _grade_id(cell) in answers:
             cell.source = answers[_grade_id(cell)]
@@ -329,3 +329,43 @@ def test_an_answer_that_never_returns_loses_only_its_own_points(tmp_path):
     assert float(_rows(out / "grades.csv")[0]["score"]) == 6
     page = (out / "feedback" / "infinite-loop" / f"{ASSIGNMENT}.html").read_text()
     assert "longer than the time limit" in page
+
+
+# A LayerNorm whose forward never returns, takes the kernel down or floods it. Chapter 5's
+# RMSNorm does not use it, so its 2 points must survive; Residual does, and loses its 4 too.
+NORMS = "05_norms_and_residuals"
+BREAKS_THE_KERNEL = {
+    "ignores-interrupts": "signal.signal(signal.SIGINT, signal.SIG_IGN)\n        while True:\n"
+    "            pass",
+    "exits-its-process": "os._exit(0)",
+    "kills-itself": "os.kill(os.getpid(), signal.SIGKILL)",
+    "memory-bomb": "hoard = bytearray(64 * 2**30)",
+    "output-flood": "while True:\n            print('x' * 1_000_000)",
+}
+
+
+@pytest.mark.slow
+def test_a_hung_or_dead_kernel_costs_only_the_exercises_that_ran_the_code(tmp_path):
+    answers = _answers(NORMS)
+    folder = tmp_path / "submissions"
+    for student, body in BREAKS_THE_KERNEL.items():
+        forward = "    def forward(self, x):\n"
+        broken = answers["layer_norm"].replace(forward, f"{forward}        {body}\n", 1)
+        path = folder / student / NORMS / f"{NORMS}.ipynb"
+        path.parent.mkdir(parents=True)
+        text = _submission({**answers, "layer_norm": "import os\nimport signal\n\n" + broken},
+                           assignment=NORMS)  # fmt: skip
+        path.write_text(text)
+    out = tmp_path / "out"
+    assert main(["--course", str(ROOT), "grade", str(folder), "--out", str(out), "--timeout",
+                 "15"]) == 0  # fmt: skip
+    for row in _rows(out / "grades.csv"):
+        assert (row["status"], float(row["score"])) == ("graded", 2), row
+    for row in _rows(out / "grades_by_test.csv"):
+        assert row["status"] == ("passed" if row["test_id"] == "test_rms_norm" else "failed"), row
+    page = (out / "feedback" / "exits-its-process" / f"{NORMS}.html").read_text()
+    assert "died" in page
+    page = (out / "feedback" / "memory-bomb" / f"{NORMS}.html").read_text()
+    assert "MemoryError" in page
+    flooded = out / "nbgrader" / "autograded" / "output-flood" / NORMS / f"{NORMS}.ipynb"
+    assert flooded.stat().st_size < 5_000_000 and "output cut" in flooded.read_text()

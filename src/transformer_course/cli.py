@@ -48,9 +48,8 @@ def _grade(args) -> int:
     if not any(p for p in folder.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts):
         print(f"error: no .ipynb files under {folder}", file=sys.stderr)
         return 2
-    subs = grade(
-        args.course or find_root(), folder, Path(args.out), timeout=args.timeout, jobs=args.jobs
-    )
+    subs = grade(args.course or find_root(), folder, Path(args.out), timeout=args.timeout,
+                 jobs=args.jobs, memory=args.memory)  # fmt: skip
     for s in subs:
         print(f"{s.student:>20}  {s.assignment or '?':<24} {s.score:g}/{s.max_score:g}  {s.status}")
     n_graded = sum(s.status == GRADED for s in subs)
@@ -81,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     grade.add_argument(
         "--jobs", type=int, help="notebooks graded at once (default: one per CPU core)"
+    )
+    grade.add_argument(
+        "--memory", type=float, default=8, help="GiB each notebook's grading may use (default 8)"
     )
     grade.set_defaults(run=_grade)
 

@@ -12,6 +12,7 @@ import csv
 import multiprocessing
 import os
 import re
+import resource
 import shutil
 import sys
 import warnings
@@ -27,6 +28,7 @@ from sqlalchemy.exc import SAWarning
 
 from . import feedback
 from .course import assignments, load_config
+from .execute import autograde_preprocessors
 from .notebooks import TestResult, results
 from .restore import rebuild
 
@@ -115,13 +117,19 @@ def _mark_duplicates(subs: list[Submission]) -> None:
 
 
 def grade(
-    root: Path, submissions: Path, out: Path, timeout: int | None = None, jobs: int | None = None
+    root: Path,
+    submissions: Path,
+    out: Path,
+    timeout: int | None = None,
+    jobs: int | None = None,
+    memory: float = 8,
 ) -> list[Submission]:
     """Grade everything under `submissions`; write OUT/grades.csv, grades_by_test.csv, feedback/.
 
     timeout: seconds a cell may run (default: nbgrader_config.py's Execute.timeout). A cell
     that runs longer is interrupted and fails; the cells after it still run.
     jobs: notebooks graded at once (default: one per CPU core).
+    memory: GiB of address space for each notebook's grading, its kernel included.
     """
     known = assignments(root)
     subs = find_submissions(submissions, known)
@@ -139,6 +147,7 @@ def grade(
     config.CourseDirectory.source_directory = "source"
     if timeout is not None:
         config.Execute.timeout = timeout
+    config.Autograde.autograde_preprocessors = autograde_preprocessors()
     config.CourseDirectory.release_directory = "release"
     api = NbGraderAPI(coursedir=CourseDirectory(config=config), config=config)
     # nbgrader creates the gradebook by running `alembic` from PATH, which lacks our
@@ -168,14 +177,14 @@ def grade(
     # Kernels that each start a thread per core on a shared CPU wait on each other, many
     # times slower than one thread each.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
-    if jobs == 1:
-        outcomes = [_autograde(config, s.assignment, s.student) for s in graded]
-    else:  # spawned, not forked: a fork would share the parent's database and ZMQ state
-        spawn = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(jobs, mp_context=spawn) as pool:
-            outcomes = list(pool.map(_autograde, [config] * len(graded),
-                                     [s.assignment for s in graded],
-                                     [s.student for s in graded]))  # fmt: skip
+    # Workers are spawned, not forked (a fork would share this process's database and ZMQ
+    # state), and carry the memory limit down to the kernels they start.
+    spawn = multiprocessing.get_context("spawn")
+    limit = int(memory * 2**30)
+    with ProcessPoolExecutor(jobs, spawn, initializer=_limit_memory, initargs=(limit,)) as pool:
+        outcomes = list(pool.map(_autograde, [config] * len(graded),
+                                 [s.assignment for s in graded],
+                                 [s.student for s in graded]))  # fmt: skip
     for sub, failure in zip(graded, outcomes, strict=True):
         if failure:
             sub.status = f"autograde failed: {failure}"
@@ -185,6 +194,12 @@ def grade(
         if sub.assignment:
             feedback.write(out / "feedback" / sub.student / f"{sub.assignment}.html", sub)
     return subs
+
+
+def _limit_memory(limit: int) -> None:
+    """Cap this process's address space, and so every kernel it starts: a learner's code that
+    asks for more gets a MemoryError instead of taking the machine's memory."""
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 def _autograde(config, assignment: str, student: str) -> str:

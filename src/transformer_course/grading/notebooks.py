@@ -16,6 +16,10 @@ STOPPED_MESSAGE = (
     "Stopped: the cell ran longer than the time limit. Look for a loop that never ends, or "
     "code that is far slower than it needs to be."
 )
+DIED_MESSAGE = (
+    "The Python process running the notebook died in this cell: the code ended its own "
+    "process (os._exit, sys.exit in a thread, a signal) or used far too much memory."
+)
 
 
 @dataclass
@@ -58,6 +62,8 @@ def results(nb) -> list[TestResult]:
             message = f"{error['ename']}: {error['evalue']}"
             if error["ename"] in STOPPED:
                 message = STOPPED_MESSAGE
+            elif error["ename"] == "DeadKernelError":
+                message = DIED_MESSAGE
         verdicts.append(TestResult(meta["grade_id"], status, float(meta.get("points", 0)), message))
     return verdicts
 
