@@ -369,3 +369,55 @@ def test_a_hung_or_dead_kernel_costs_only_the_exercises_that_ran_the_code(tmp_pa
     assert "MemoryError" in page
     flooded = out / "nbgrader" / "autograded" / "output-flood" / NORMS / f"{NORMS}.ipynb"
     assert flooded.stat().st_size < 5_000_000 and "output cut" in flooded.read_text()
+
+
+# Tricks played from inside the kernel, each placed after wrong answers to both exercises:
+# every one of them must score 0. The grader still runs the learners' code in the kernel that
+# runs the tests, so some tricks still work; they are marked, and will fail as "XPASS" once the
+# learners' code runs in a process of its own.
+WRONG = {
+    "scaled_dot_product_attention": "def scaled_dot_product_attention(q, k, v, mask=None):\n"
+    "    return q, q",
+    "self_attention": "class SelfAttention(nn.Module):\n"
+    "    def forward(self, x, mask=None):\n"
+    "        return x, x",
+}
+SHARES_THE_KERNEL = "the learner's code runs in the kernel that runs the tests"
+IN_KERNEL_TRICKS = {
+    "prints-all-tests-passed": 'print("All tests passed")',
+    "patches-torch-allclose": "torch.allclose = lambda *a, **k: True\n"
+    "torch.testing.assert_close = lambda *a, **k: None",
+    "exits-with-status-0": "import sys\n\nsys.exit(0)",
+    "redefines-the-check": "check_self_attention = lambda *args, **kwargs: None",
+    "erases-later-calls": "import ast\n\n\nclass Erase(ast.NodeTransformer):\n"
+    "    def visit_Call(self, node):\n        return ast.Constant(None)\n\n\n"
+    "get_ipython().ast_transformers.append(Erase())",
+}
+
+
+@pytest.fixture(scope="module")
+def tricked(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tricks")
+    for student, trick in IN_KERNEL_TRICKS.items():
+        path = folder / student / ASSIGNMENT / NOTEBOOK
+        path.parent.mkdir(parents=True)
+        answers = {**WRONG, "self_attention": f"{WRONG['self_attention']}\n\n\n{trick}"}
+        path.write_text(_submission(answers))
+    out = tmp_path_factory.mktemp("out")
+    assert main(["--course", str(ROOT), "grade", str(folder), "--out", str(out)]) == 0
+    return {r["student"]: r for r in _rows(out / "grades.csv")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "student",
+    [
+        *list(IN_KERNEL_TRICKS)[:3],
+        *[
+            pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=SHARES_THE_KERNEL))
+            for s in list(IN_KERNEL_TRICKS)[3:]
+        ],
+    ],
+)
+def test_a_trick_played_in_the_kernel_earns_nothing(tricked, student):
+    assert (tricked[student]["status"], float(tricked[student]["score"])) == ("graded", 0)
