@@ -23,29 +23,10 @@ from pathlib import Path
 import nbformat
 from nbgrader.api import Gradebook
 
+from transformer_course.grading.course import filled_release, reference_answers
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def answers(assignment: str, notebook: str) -> dict[str, str]:
-    """The reference answers as a learner would type them: solution cells without markers."""
-    source = nbformat.read(ROOT / "solutions" / assignment / notebook, as_version=4)
-    return {
-        cell.metadata["nbgrader"]["grade_id"]: "\n".join(
-            line for line in cell.source.splitlines() if "### " not in line
-        )
-        for cell in source.cells
-        if cell.metadata.get("nbgrader", {}).get("solution")
-    }
-
-
-def submission(assignment: str, notebook: str, typed: dict[str, str]) -> str:
-    nb = nbformat.read(ROOT / "exercises" / assignment / notebook, as_version=4)
-    for cell in nb.cells:
-        grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
-        if grade_id in typed:
-            cell.source = typed[grade_id]
-    return nbformat.writes(nb)
 
 
 def stock(work: Path, assignment: str, students: dict[str, str], notebook: str) -> tuple:
@@ -93,13 +74,15 @@ def main() -> int:
     parser.add_argument("--assignment", default="01_self_attention")
     args = parser.parse_args()
     notebook = f"{args.assignment}.ipynb"
-    typed = answers(args.assignment, notebook)
+    typed = reference_answers(ROOT, args.assignment)
     last = list(typed)[-1]
     students = {
-        f"student-{i:02d}": submission(
-            args.assignment,
-            notebook,
-            typed if i % 2 == 0 else {k: v for k, v in typed.items() if k != last},
+        f"student-{i:02d}": nbformat.writes(
+            filled_release(
+                ROOT,
+                args.assignment,
+                typed if i % 2 == 0 else {k: v for k, v in typed.items() if k != last},
+            )
         )
         for i in range(args.students)
     }

@@ -11,6 +11,7 @@ import nbformat
 import pytest
 
 from transformer_course.cli import main
+from transformer_course.grading.course import filled_release, reference_answers
 
 from .conftest import ROOT
 
@@ -27,15 +28,7 @@ NAN_ON_FULLY_MASKED_ROWS = """def scaled_dot_product_attention(q, k, v, mask=Non
 
 
 def _answers(assignment=ASSIGNMENT):
-    """The reference answers as a learner would type them: solution cells without markers."""
-    source = nbformat.read(ROOT / "solutions" / assignment / f"{assignment}.ipynb", as_version=4)
-    return {
-        c.metadata["nbgrader"]["grade_id"]: "\n".join(
-            line for line in c.source.splitlines() if "### " not in line
-        )
-        for c in source.cells
-        if c.metadata.get("nbgrader", {}).get("solution")
-    }
+    return reference_answers(ROOT, assignment)
 
 
 def _grade_id(cell):
@@ -44,10 +37,7 @@ def _grade_id(cell):
 
 def _submission(answers, edit=None, assignment=ASSIGNMENT):
     """The release with these answers typed in; edit(nb) may then do what a learner did."""
-    nb = nbformat.read(ROOT / "exercises" / assignment / f"{assignment}.ipynb", as_version=4)
-    for cell in nb.cells:
-        if _grade_id(cell) in answers:
-            cell.source = answers[_grade_id(cell)]
+    nb = filled_release(ROOT, assignment, answers)
     if edit is not None:
         edit(nb)
     return nbformat.writes(nb)

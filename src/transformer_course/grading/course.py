@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nbformat
 from traitlets.config import Config
 from traitlets.config.loader import PyFileConfigLoader
 
@@ -35,3 +36,26 @@ def assignments(root: Path) -> dict[str, list[str]]:
         for folder in sorted((root / "solutions").iterdir())
         if folder.is_dir() and any(folder.glob("*.ipynb"))
     }
+
+
+def reference_answers(root: Path, assignment: str) -> dict[str, str]:
+    """grade_id -> the code of each solution cell as a learner would type it (no markers)."""
+    source = nbformat.read(root / "solutions" / assignment / f"{assignment}.ipynb", as_version=4)
+    return {
+        cell.metadata["nbgrader"]["grade_id"]: "\n".join(
+            line for line in cell.source.splitlines() if "### " not in line
+        )
+        for cell in source.cells
+        if cell.metadata.get("nbgrader", {}).get("solution")
+    }
+
+
+def filled_release(root: Path, assignment: str, answers: dict[str, str]):
+    """The released notebook with `answers` (grade_id -> code) typed into its solution cells:
+    a submission, for the grader's tests and benchmarks."""
+    nb = nbformat.read(root / "exercises" / assignment / f"{assignment}.ipynb", as_version=4)
+    for cell in nb.cells:
+        grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
+        if grade_id in answers:
+            cell.source = answers[grade_id]
+    return nb
