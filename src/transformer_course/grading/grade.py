@@ -17,6 +17,7 @@ import shutil
 import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,14 +178,7 @@ def grade(
     # Kernels that each start a thread per core on a shared CPU wait on each other, many
     # times slower than one thread each.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
-    # Workers are spawned, not forked (a fork would share this process's database and ZMQ
-    # state), and carry the memory limit down to the kernels they start.
-    spawn = multiprocessing.get_context("spawn")
-    limit = int(memory * 2**30)
-    with ProcessPoolExecutor(jobs, spawn, initializer=_limit_memory, initargs=(limit,)) as pool:
-        outcomes = list(pool.map(_autograde, [config] * len(graded),
-                                 [s.assignment for s in graded],
-                                 [s.student for s in graded]))  # fmt: skip
+    outcomes = _autograde_all(config, [(s.assignment, s.student) for s in graded], jobs, memory)
     for sub, failure in zip(graded, outcomes, strict=True):
         if failure:
             sub.status = f"autograde failed: {failure}"
@@ -194,6 +188,30 @@ def grade(
         if sub.assignment:
             feedback.write(out / "feedback" / sub.student / f"{sub.assignment}.html", sub)
     return subs
+
+
+def _autograde_all(config, work: list[tuple[str, str]], jobs: int, memory: float) -> list[str]:
+    """_autograde for each (assignment, student) in a pool of worker processes; a worker
+    that dies (a learner's code can kill its parent) costs only its own submission."""
+    # Spawned, not forked: a fork would share this process's database and ZMQ state. The
+    # workers carry the memory limit down to the kernels they start.
+    spawn = multiprocessing.get_context("spawn")
+    limit = (int(memory * 2**30),)
+    outcomes: dict[int, str] = {}
+    with ProcessPoolExecutor(jobs, spawn, initializer=_limit_memory, initargs=limit) as pool:
+        futures = [pool.submit(_autograde, config, *item) for item in work]
+        for i, future in enumerate(futures):
+            try:
+                outcomes[i] = future.result()
+            except BrokenProcessPool:
+                pass  # which submission broke the pool is unknown: retry each on its own
+    for i in sorted(set(range(len(work))) - set(outcomes)):
+        with ProcessPoolExecutor(1, spawn, initializer=_limit_memory, initargs=limit) as alone:
+            try:
+                outcomes[i] = alone.submit(_autograde, config, *work[i]).result()
+            except BrokenProcessPool:
+                outcomes[i] = "the grading process died (the notebook's code killed it)"
+    return [outcomes[i] for i in range(len(work))]
 
 
 def _limit_memory(limit: int) -> None:
