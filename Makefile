@@ -29,8 +29,8 @@ test: $(READY) lint
 		--durations=10 tests book
 
 lint: $(READY)
-	$(BIN)/ruff check src tests $(NOTEBOOK_CODE)
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks $(NOTEBOOK_CODE)
+	$(BIN)/ruff format --check src tests benchmarks
 
 exercises: $(READY)
 	$(BIN)/transformer-course release
