@@ -52,8 +52,10 @@ def augment(images, degrees=10.0, scale=0.1, shift=0.1):
     """Each image of (B, C, H, W) turned by up to ±degrees, scaled by up to ±scale and moved
     by up to ±shift of its half-width, at random (bilinear, zeros outside): the same digit,
     written a little differently, so a model cannot memorize the exact pixels."""
-    B = images.shape[0]
-    uniform = lambda: 2 * torch.rand(B, device=images.device) - 1  # noqa: E731, in [-1, 1)
+
+    def uniform():  # one number per image, in [-1, 1)
+        return 2 * torch.rand(images.shape[0], device=images.device) - 1
+
     angle = uniform() * math.radians(degrees)
     zoom = 1 + uniform() * scale
     cos, sin = angle.cos() / zoom, angle.sin() / zoom

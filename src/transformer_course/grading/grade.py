@@ -169,15 +169,12 @@ def grade(
         # Only the learner's code is taken from the file; test cells and metadata are the
         # release's, whatever the submission did to them.
         release = work / "release" / sub.assignment / sub.notebook
-        notebook, _ = rebuild(nbformat.read(sub.path, as_version=4),
+        notebook = rebuild(nbformat.read(sub.path, as_version=4),
                               nbformat.read(release, as_version=4))  # fmt: skip
         target = work / "submitted" / sub.student / sub.assignment / sub.notebook
         target.parent.mkdir(parents=True, exist_ok=True)
         nbformat.write(notebook, target)
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(graded)))
-    # Kernels that each start a thread per core on a shared CPU wait on each other, many
-    # times slower than one thread each.
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
     outcomes = _autograde_all(config, [(s.assignment, s.student) for s in graded], jobs, memory)
     for sub, failure in zip(graded, outcomes, strict=True):
         if failure:
@@ -193,12 +190,11 @@ def grade(
 def _autograde_all(config, work: list[tuple[str, str]], jobs: int, memory: float) -> list[str]:
     """_autograde for each (assignment, student) in a pool of worker processes; a worker
     that dies (a learner's code can kill its parent) costs only its own submission."""
-    # Spawned, not forked: a fork would share this process's database and ZMQ state. The
-    # workers carry the memory limit down to the kernels they start.
+    # Spawned, not forked: a fork would share this process's database and ZMQ state.
     spawn = multiprocessing.get_context("spawn")
-    limit = (int(memory * 2**30),)
+    setup = {"initializer": _setup_worker, "initargs": (int(memory * 2**30), jobs)}
     outcomes: dict[int, str] = {}
-    with ProcessPoolExecutor(jobs, spawn, initializer=_limit_memory, initargs=limit) as pool:
+    with ProcessPoolExecutor(jobs, spawn, **setup) as pool:
         futures = [pool.submit(_autograde, config, *item) for item in work]
         for i, future in enumerate(futures):
             try:
@@ -206,7 +202,7 @@ def _autograde_all(config, work: list[tuple[str, str]], jobs: int, memory: float
             except BrokenProcessPool:
                 pass  # which submission broke the pool is unknown: retry each on its own
     for i in sorted(set(range(len(work))) - set(outcomes)):
-        with ProcessPoolExecutor(1, spawn, initializer=_limit_memory, initargs=limit) as alone:
+        with ProcessPoolExecutor(1, spawn, **setup) as alone:
             try:
                 outcomes[i] = alone.submit(_autograde, config, *work[i]).result()
             except BrokenProcessPool:
@@ -214,15 +210,18 @@ def _autograde_all(config, work: list[tuple[str, str]], jobs: int, memory: float
     return [outcomes[i] for i in range(len(work))]
 
 
-def _limit_memory(limit: int) -> None:
-    """Cap this process's address space, and so every kernel it starts: a learner's code that
-    asks for more gets a MemoryError instead of taking the machine's memory."""
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+def _setup_worker(memory_limit: int, jobs: int) -> None:
+    """What a grading worker passes down to every kernel it starts: a cap on the address
+    space (a learner's code that asks for more gets a MemoryError instead of the machine's
+    memory) and a share of the cores (kernels that each start a thread per core on a shared
+    CPU wait on each other, many times slower than one thread each)."""
+    resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    warnings.filterwarnings("ignore", category=SAWarning)  # as in grade(), for this process
 
 
 def _autograde(config, assignment: str, student: str) -> str:
     """nbgrader's autograde of one student's assignment; what went wrong, or ""."""
-    warnings.filterwarnings("ignore", category=SAWarning)  # again: this may be a new process
     api = NbGraderAPI(coursedir=CourseDirectory(config=config), config=config)
     result = api.autograde(assignment, student, force=True, create=True)
     if result["success"]:

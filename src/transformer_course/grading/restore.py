@@ -38,23 +38,20 @@ def _landmarks(submitted, release) -> dict[int, int]:
     }
     ids = {_nbgrader(cell).get("grade_id"): i for i, cell in enumerate(release.cells)}
     ids.pop(None, None)
+    order = sorted(fixed)
     found, last = {}, -1
     for j, cell in enumerate(submitted.cells):
         i = ids.get(_nbgrader(cell).get("grade_id"))
         if i is None or i <= last or cell.cell_type != release.cells[i].cell_type:
             key = (cell.cell_type, _text(cell))
-            i = next((k for k in sorted(fixed) if k > last and fixed[k] == key), None)
+            i = next((k for k in order if k > last and fixed[k] == key), None)
         if i is not None:
             found[j], last = i, i
     return found
 
 
 def rebuild(submitted, release):
-    """The release notebook with the learner's code from `submitted` in its solution cells.
-
-    Returns (notebook, answered): the rebuilt notebook, and the grade_ids of the solution
-    cells for which the submission had any code at all.
-    """
+    """The release notebook with the learner's code from `submitted` in its solution cells."""
     landmarks = _landmarks(submitted, release)
     fixed_texts = {_text(c) for c in release.cells if not _nbgrader(c).get("solution")}
     # learner code, by the release cell index it follows
@@ -80,14 +77,13 @@ def rebuild(submitted, release):
         target = nxt if nxt is not None and is_solution[nxt] else at
         placed.setdefault(target, []).extend(sources)
 
-    cells, answered = [], []
+    cells = []
     for i, cell in enumerate(release.cells):
         cell = copy.deepcopy(cell)
         sources = placed.get(i, [])
         if is_solution[i]:
             if sources:
                 cell.source = "\n\n".join(sources)
-                answered.append(_nbgrader(cell)["grade_id"])
             cells.append(cell)
         else:
             cells.append(cell)
@@ -95,4 +91,4 @@ def rebuild(submitted, release):
     cells[0:0] = [new_code_cell(s) for s in placed.get(-1, [])]
     notebook = copy.deepcopy(release)
     notebook.cells = cells
-    return notebook, answered
+    return notebook
