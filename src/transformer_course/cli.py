@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         "--jobs", type=int, help="notebooks graded at once (default: one per CPU core)"
     )
     grade.add_argument(
-        "--memory", type=float, default=8, help="GiB each notebook's grading may use (default 8)"
+        "--memory", type=float, default=8, help="GiB for each notebook's code (default 8)"
     )
     grade.set_defaults(run=_grade)
 

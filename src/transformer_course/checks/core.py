@@ -153,6 +153,8 @@ class ReferenceCalls:
 
     def __init__(self, objects: Sequence[Any]):
         self.codes = {}
+        # 'module:qualname' of each object, for a grading sandbox to watch for them too
+        self.names = [f"{o.__module__}:{o.__qualname__}" for o in _flatten(objects)]
         for obj in _flatten(objects):
             functions = vars(obj).values() if isinstance(obj, type) else [obj]
             for f in functions:

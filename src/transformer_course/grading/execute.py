@@ -1,83 +1,142 @@
-"""nbgrader's Execute, made to survive a kernel that hangs or dies in one exercise.
+"""nbgrader's Execute, split in two: the learner's cells run in a sandbox, the tests here.
 
-nbgrader interrupts a cell that runs past its timeout, which stops an ordinary endless loop.
-Code that ignores the interrupt keeps the kernel busy, and every later cell then times out
-too; code that kills its own process (`os._exit`, a SIGKILL to itself) ends the whole
-notebook's grading. Here the cell fails, the kernel's whole process group is killed and a
-fresh kernel started, the code cells before it that are not tests run again in silence, and
+nbgrader runs a notebook's test cells in the same kernel as the learner's code, so that code
+can decide the verdict: patch the comparison, skip the asserts, read the hidden tests. Here
+the learner's cells run in a `Sandbox`, a separate, confined process; each test cell runs in
+the grader's own process, where the learner's names stand for their objects in the sandbox
+(see `remote`) and the checks compare what comes back with references computed here. The
+outputs are written into the notebook as a kernel would, so nbgrader's gradebook, feedback
+and formgrader work as before.
+
+A cell that runs past the time limit, or whose code kills the sandbox, fails; the sandbox is
+killed with its whole process group, a fresh one runs the learner's earlier cells again, and
 grading goes on: only the exercise whose code hung or crashed loses its points.
 """
 
 from __future__ import annotations
 
-from jupyter_core.utils import ensure_async, run_sync
-from nbclient.exceptions import CellTimeoutError, DeadKernelError
+import builtins
+import contextlib
+import io
+import shutil
+import tempfile
+
 from nbformat import NotebookNode
 from nbgrader.converters import Autograde
 from nbgrader.preprocessors import Execute
+from traitlets import Float, Integer, List, Unicode
 
+from .. import checks
 from .notebooks import is_test_cell
+from .remote import Sandbox, SandboxDied, SandboxStopped
+from .sandbox import Limits
 
-GRACE = 5  # seconds an interrupted kernel gets to become responsive again
-OUTPUT_CAP = 1_000_000  # characters of output a cell may keep; the rest is dropped as it comes
+# The check functions a test cell may call: the course's own, never the learner's.
+CHECKS = {
+    name: obj
+    for module in vars(checks).values()
+    if getattr(module, "__name__", "").startswith(checks.__name__ + ".")
+    for name, obj in vars(module).items()
+    if name.startswith("check_") and callable(obj)
+}
 
 
-class RecoveringExecute(Execute):
-    def preprocess_cell(self, cell, resources, index):
-        self._kept = 0  # characters of this cell's output so far
+class TrustedExecute(Execute):
+    memory = Float(8, help="GiB of address space for the learner's code").tag(config=True)
+    threads = Integer(1, help="threads the learner's code may use").tag(config=True)
+    hide = List(Unicode(), help="folders the learner's code must not see").tag(config=True)
+
+    def preprocess(self, nb, resources):
+        workdir = tempfile.mkdtemp(prefix="sandbox-")
+        self.limits = Limits(memory=int(self.memory * 2**30), hide=tuple(self.hide),
+                             workdir=workdir, threads=self.threads)  # fmt: skip
+        self.sandbox, self.ran = None, []  # the sandbox, and the learner cells it has run
         try:
-            cell, resources = super().preprocess_cell(cell, resources, index)
-        except (DeadKernelError, CellTimeoutError) as error:  # died, or hung past the interrupt
-            cell.outputs.append(_error(type(error).__name__, str(error).splitlines()[0]))
-            self._restart(index)
-            return cell, self.resources
-        timed_out = any(o.get("ename") == "CellTimeoutError" for o in cell.get("outputs", []))
-        if timed_out and not self._responsive():
-            self._restart(index)
-        return cell, resources
+            for cell in nb.cells:
+                if cell.cell_type == "code":
+                    cell.outputs = []
+                    if is_test_cell(cell):
+                        self._test(cell)
+                    else:
+                        self._learner(cell)
+        finally:
+            if self.sandbox is not None:
+                self.sandbox.kill()
+            shutil.rmtree(workdir, ignore_errors=True)
+        return nb, resources
 
-    def output(self, outs, msg, display_id, cell_index):
-        """Keep a cell's output up to OUTPUT_CAP characters, so that a flood of printing
-        cannot fill the grader's memory; say once that the rest was dropped."""
-        size = len(str(msg["content"].get("text", msg["content"].get("data", ""))))
-        if self._kept > OUTPUT_CAP:
-            return None
-        self._kept += size
-        if self._kept > OUTPUT_CAP:
-            note = f"[output cut: this cell printed more than {OUTPUT_CAP:,} characters]\n"
-            outs.append(NotebookNode(output_type="stream", name="stderr", text=note))
-            return None
-        return super().output(outs, msg, display_id, cell_index)
+    def _start(self) -> Sandbox:
+        """The sandbox, started (again) if need be, with the cells that ran before replayed."""
+        if self.sandbox is None:
+            self.sandbox = Sandbox(self.limits)
+            for source in self.ran:
+                with self.sandbox.limit(self.timeout):
+                    self.sandbox.exec(source)
+        return self.sandbox
 
-    def _responsive(self) -> bool:
-        """Whether the kernel answers a request within GRACE seconds (a busy one cannot)."""
+    def _learner(self, cell) -> None:
         try:
-            _wait(self.kc.kernel_info, reply=True, timeout=GRACE)
-        except Exception:  # queue.Empty or a dead channel: either way, it did not answer
-            return False
-        return True
+            with self._start().limit(self.timeout) as sandbox:
+                reply = sandbox.exec(cell.source)
+        except (SandboxStopped, SandboxDied) as stop:
+            cell.outputs.append(self._stopped(stop))
+            return
+        self.ran.append(cell.source)
+        for name in ("stdout", "stderr"):
+            if reply[name]:
+                cell.outputs.append(_stream(name, reply[name]))
+        if reply["error"]:
+            error = reply["error"]
+            cell.outputs.append(_error(error["type"], error["message"], error["traceback"]))
 
-    def _restart(self, index: int) -> None:
-        _wait(self.km.restart_kernel, now=True)  # SIGKILL to the kernel's process group
-        _wait(self.kc.kernel_info, reply=True, timeout=60)  # until the new kernel is up
-        for before in self.nb.cells[:index]:
-            if before.cell_type == "code" and not is_test_cell(before):
-                _wait(self.kc.execute_interactive, before.source, silent=True,
-                      store_history=False, timeout=self.timeout,
-                      output_hook=lambda msg: None)  # fmt: skip
+    def _test(self, cell) -> None:
+        printed = io.StringIO()
+        try:
+            names = _TestNames(self._start())
+            with self.sandbox.limit(self.timeout), contextlib.redirect_stdout(printed):
+                exec(compile(cell.source, "<test cell>", "exec"), {"__builtins__": builtins}, names)
+        except (SandboxStopped, SandboxDied) as stop:
+            error = self._stopped(stop)
+        except Exception as failure:  # the verdict: a check's report, never the cell's source
+            error = _error(type(failure).__name__, str(failure))
+        else:
+            error = None
+        if printed.getvalue():
+            cell.outputs.append(_stream("stdout", printed.getvalue()))
+        if error is not None:
+            cell.outputs.append(error)
+
+    def _stopped(self, stop: BaseException) -> NotebookNode:
+        """The sandbox is gone (killed by us or by the learner's code): say which."""
+        self.sandbox = None
+        ename = "CellTimeoutError" if isinstance(stop, SandboxStopped) else "DeadKernelError"
+        return _error(ename, str(stop))
 
 
-@run_sync
-async def _wait(method, *args, **kwargs):
-    """Call a kernel manager's or client's method, sync or async, and wait for its result."""
-    return await ensure_async(method(*args, **kwargs))
+class _TestNames(dict):
+    """A test cell's names: the course's checks and Python's builtins from here, the rest
+    (the learner's functions and classes) from the sandbox."""
+
+    def __init__(self, sandbox: Sandbox):
+        super().__init__()
+        self.sandbox = sandbox
+
+    def __missing__(self, name):
+        if hasattr(builtins, name):
+            raise KeyError(name)  # Python then finds it among the builtins
+        self[name] = CHECKS[name] if name in CHECKS else self.sandbox.lookup(name)
+        return self[name]
 
 
 def autograde_preprocessors() -> list[type]:
-    """nbgrader's autograde pipeline with RecoveringExecute in Execute's place."""
+    """nbgrader's autograde pipeline with TrustedExecute in Execute's place."""
     default = Autograde.class_traits()["autograde_preprocessors"].default()
-    return [RecoveringExecute if p is Execute else p for p in default]
+    return [TrustedExecute if p is Execute else p for p in default]
 
 
-def _error(ename: str, evalue: str) -> NotebookNode:
-    return NotebookNode(output_type="error", ename=ename, evalue=evalue, traceback=[])
+def _stream(name: str, text: str) -> NotebookNode:
+    return NotebookNode(output_type="stream", name=name, text=text)
+
+
+def _error(ename: str, evalue: str, traceback=()) -> NotebookNode:
+    return NotebookNode(output_type="error", ename=ename, evalue=evalue, traceback=list(traceback))

@@ -1,9 +1,11 @@
 """Grade a folder of submissions with nbgrader and write the instructor's tables and feedback.
 
-nbgrader does the work it is built for: it restores the instructor's test cells, runs the
-notebook and keeps the gradebook (OUT/gradebook.db). This module finds the submissions,
-sets aside the ones nbgrader cannot read, and turns the gradebook into CSV files and
-feedback pages that quote each failing test's diagnosis but never its source.
+nbgrader does the work it is built for: it generates the release, runs its autograde
+pipeline and keeps the gradebook (OUT/gradebook.db), with TrustedExecute in its Execute's
+place (the learner's code in a sandbox, the tests here). This module finds the submissions,
+sets aside the ones nbgrader cannot read, rebuilds each on the release, and turns the
+gradebook into CSV files and feedback pages that quote each failing test's diagnosis but
+never its source.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import csv
 import multiprocessing
 import os
 import re
-import resource
 import shutil
 import sys
 import warnings
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import nbformat
+import torch
 from nbgrader.api import Gradebook, MissingEntry
 from nbgrader.apps import NbGraderAPI
 from nbgrader.coursedir import CourseDirectory
@@ -130,7 +132,7 @@ def grade(
     timeout: seconds a cell may run (default: nbgrader_config.py's Execute.timeout). A cell
     that runs longer is interrupted and fails; the cells after it still run.
     jobs: notebooks graded at once (default: one per CPU core).
-    memory: GiB of address space for each notebook's grading, its kernel included.
+    memory: GiB of address space for the learner's code of each notebook.
     """
     known = assignments(root)
     subs = find_submissions(submissions, known)
@@ -175,7 +177,13 @@ def grade(
         target.parent.mkdir(parents=True, exist_ok=True)
         nbformat.write(notebook, target)
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(graded)))
-    outcomes = _autograde_all(config, [(s.assignment, s.student) for s in graded], jobs, memory)
+    config.TrustedExecute.memory = memory
+    config.TrustedExecute.threads = max(1, (os.cpu_count() or 1) // jobs)
+    # What the learner's code must not see: the instructor's solutions and tests (and git
+    # history holding them), the other submissions, the gradebook and everything graded.
+    private = [root / "solutions", root / "tests", root / ".git", submissions, out]
+    config.TrustedExecute.hide = [str(p.resolve()) for p in private]
+    outcomes = _autograde_all(config, [(s.assignment, s.student) for s in graded], jobs)
     for sub, failure in zip(graded, outcomes, strict=True):
         if failure:
             sub.status = f"autograde failed: {failure}"
@@ -187,12 +195,12 @@ def grade(
     return subs
 
 
-def _autograde_all(config, work: list[tuple[str, str]], jobs: int, memory: float) -> list[str]:
+def _autograde_all(config, work: list[tuple[str, str]], jobs: int) -> list[str]:
     """_autograde for each (assignment, student) in a pool of worker processes; a worker
-    that dies (a learner's code can kill its parent) costs only its own submission."""
+    that dies costs only its own submission."""
     # Spawned, not forked: a fork would share this process's database and ZMQ state.
     spawn = multiprocessing.get_context("spawn")
-    setup = {"initializer": _setup_worker, "initargs": (int(memory * 2**30), jobs)}
+    setup = {"initializer": _setup_worker, "initargs": (config.TrustedExecute.threads,)}
     outcomes: dict[int, str] = {}
     with ProcessPoolExecutor(jobs, spawn, **setup) as pool:
         futures = [pool.submit(_autograde, config, *item) for item in work]
@@ -206,17 +214,14 @@ def _autograde_all(config, work: list[tuple[str, str]], jobs: int, memory: float
             try:
                 outcomes[i] = alone.submit(_autograde, config, *work[i]).result()
             except BrokenProcessPool:
-                outcomes[i] = "the grading process died (the notebook's code killed it)"
+                outcomes[i] = "the grading process died"
     return [outcomes[i] for i in range(len(work))]
 
 
-def _setup_worker(memory_limit: int, jobs: int) -> None:
-    """What a grading worker passes down to every kernel it starts: a cap on the address
-    space (a learner's code that asks for more gets a MemoryError instead of the machine's
-    memory) and a share of the cores (kernels that each start a thread per core on a shared
-    CPU wait on each other, many times slower than one thread each)."""
-    resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+def _setup_worker(threads: int) -> None:
+    """A grading worker's share of the cores (processes that each start a thread per core on
+    a shared CPU wait on each other, many times slower than one thread each)."""
+    torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", category=SAWarning)  # as in grade(), for this process
 
 

@@ -1,0 +1,93 @@
+"""The checks give the same verdicts when the learner's code runs in a sandbox: every
+catalogued mistake still fails and is named, every correct variant still passes, with the
+outputs, gradients, random numbers and instrumentation crossing the process boundary."""
+
+import importlib
+
+import pytest
+
+from transformer_course.checks import EXERCISES
+from transformer_course.grading.remote import Sandbox
+from transformer_course.grading.sandbox import Limits
+
+from .proofs import SUITES
+
+CHAPTERS = ["test_01_self_attention", "test_02_multi_head_attention",
+            "test_03_positional_encoding", "test_04_feed_forward",
+            "test_05_norms_and_residuals", "test_06_transformer_block",
+            "test_07_vision_transformer"]  # fmt: skip
+SLOW = {"train_sorting_model", "train_vision_transformer"}  # minutes per catalogue: see below
+
+
+def _correct_variants():
+    for chapter in CHAPTERS:
+        module = importlib.import_module(f"tests.{chapter}")
+        for pair in module.CORRECT:
+            exercise, impl = pair if isinstance(pair, tuple) else (module.FEED_FORWARD, pair)
+            if exercise.id not in SLOW:
+                where = f"tests.{chapter}.{impl.__name__}"
+                yield pytest.param(exercise.id, where, id=f"{exercise.id}-{impl.__name__}")
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory):
+    box = Sandbox(Limits(workdir=str(tmp_path_factory.mktemp("sandbox"))))
+    box.exec("from transformer_course.checks import EXERCISES")
+    yield box
+    box.kill()
+
+
+def _remote(box, source):
+    reply = box.exec(f"impl = {source}")
+    assert reply["error"] is None, reply["error"]
+    return box.lookup("impl")
+
+
+CATALOGUE = [pytest.param(e.id, i, m.id, id=f"{e.id}-{m.id}")
+             for e in EXERCISES.values() if e.id not in SLOW
+             for i, m in enumerate(e.mistakes)]  # fmt: skip
+
+
+@pytest.mark.parametrize("exercise, index, mistake", CATALOGUE)
+def test_each_mistake_is_named_through_the_sandbox(sandbox, exercise, index, mistake):
+    impl = _remote(sandbox, f"EXERCISES[{exercise!r}].mistakes[{index}].impl")
+    found = [EXERCISES[exercise].report(impl, suite) for suite in SUITES]
+    assert not all(r.passed for r in found), f"{mistake} passed every check"
+    assert mistake in [m for r in found for m in r.mistakes], [str(r) for r in found]
+
+
+@pytest.mark.parametrize("exercise", [e for e in EXERCISES if e not in SLOW])
+def test_each_reference_passes_through_the_sandbox(sandbox, exercise):
+    impl = _remote(sandbox, f"EXERCISES[{exercise!r}].reference")
+    for suite in SUITES:
+        report = EXERCISES[exercise].report(impl, suite, reference_allowed=True)
+        assert report.passed, str(report)
+
+
+@pytest.mark.parametrize("exercise, where", list(_correct_variants()))
+def test_each_correct_variant_passes_through_the_sandbox(sandbox, exercise, where):
+    module, _, name = where.rpartition(".")
+    impl = _remote(sandbox, f"__import__({module!r}, fromlist=['_']).{name}")
+    for suite in SUITES:
+        report = EXERCISES[exercise].report(impl, suite)
+        assert report.passed, str(report)
+
+
+TRAINING = [("train_sorting_model", "tests.test_06_transformer_block.SinusoidalSortingModel"),
+            ("train_vision_transformer", "tests.test_07_vision_transformer.TinyViT")]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exercise, model", TRAINING, ids=[e for e, _ in TRAINING])
+def test_training_is_judged_here_and_its_budget_kept_across_the_boundary(sandbox, exercise, model):
+    """The learner's loop trains in the sandbox; the grader scores the trained weights itself.
+    The budget is counted by the check's own hook, which the sandbox calls back for each batch."""
+    reference = _remote(sandbox, f"EXERCISES[{exercise!r}].reference")
+    report = EXERCISES[exercise].report(reference, "visible", reference_allowed=True)
+    assert report.passed, str(report)
+    module, _, name = model.rpartition(".")
+    for i, mistake in enumerate(EXERCISES[exercise].mistakes):
+        impl = _remote(sandbox, f"(EXERCISES[{exercise!r}].mistakes[{i}].impl, "
+                                f"__import__({module!r}, fromlist=['_']).{name})")  # fmt: skip
+        report = EXERCISES[exercise].report(impl, "visible")
+        assert not report.passed and report.mistakes == [mistake.id], str(report)
