@@ -11,7 +11,7 @@ import nbformat
 import pytest
 
 from transformer_course.cli import main
-from transformer_course.grading.course import filled_release, reference_answers
+from transformer_course.grading.course import assignments, filled_release, reference_answers
 
 from .conftest import ROOT
 
@@ -360,3 +360,24 @@ def test_a_hung_or_dead_sandbox_costs_only_the_exercises_that_ran_the_code(tmp_p
     assert "MemoryError" in page
     flooded = out / "nbgrader" / "autograded" / "output-flood" / NORMS / f"{NORMS}.ipynb"
     assert flooded.stat().st_size < 5_000_000  # what the checks' calls print is not kept
+
+
+@pytest.mark.slow
+def test_every_chapters_reference_scores_full_marks_and_its_release_zero(tmp_path):
+    """Both ways round, for every chapter, through the sandbox: the reference answers typed
+    into the release earn every point, and the untouched release earns none."""
+    folder = tmp_path / "submissions"
+    for assignment in assignments(ROOT):
+        for student, answers in (("reference", _answers(assignment)), ("untouched", {})):
+            path = folder / f"{student}-{assignment[:2]}" / assignment / f"{assignment}.ipynb"
+            path.parent.mkdir(parents=True)
+            path.write_text(_submission(answers, assignment=assignment))
+    out = tmp_path / "out"
+    assert main(["--course", str(ROOT), "grade", str(folder), "--out", str(out)]) == 0
+    rows = _rows(out / "grades.csv")
+    assert len(rows) == 2 * len(assignments(ROOT))
+    for row in rows:
+        full = row["student"].startswith("reference")
+        expected = float(row["max_score"]) if full else 0.0
+        assert (row["status"], float(row["score"])) == ("graded", expected), row
+        assert float(row["max_score"]) > 0, row

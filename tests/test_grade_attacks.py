@@ -4,6 +4,7 @@ score 0; the suite also checks what the attacks tried to reach: the solutions, t
 tests, the gradebook, another student's file, the grader's environment, the network and the
 machine's processes."""
 
+import hashlib
 import json
 import os
 import socket
@@ -11,8 +12,10 @@ import socket
 import nbformat
 import pytest
 
+from transformer_course import model
+from transformer_course.checks import EXERCISES
 from transformer_course.cli import main
-from transformer_course.grading.sandbox import FIRST_UID
+from transformer_course.grading.confine import FIRST_UID
 
 from .conftest import ROOT
 from .test_grade import ASSIGNMENT, NOTEBOOK, _rows, _submission
@@ -25,6 +28,8 @@ WRONG = {
     "        return x, x",
 }
 SECRET = "grader-secret-4f1c9"  # in the grader's environment while it grades
+# The cell an attack is typed into: the second exercise's, unless it must come earlier.
+ANSWERED_IN = {"hard-codes-the-visible-answers": "scaled_dot_product_attention"}
 
 SETTRACE = """import linecache
 import sys
@@ -86,6 +91,36 @@ while True:
         pass"""
 
 
+HARD_CODED = """import hashlib
+
+
+def _key(*tensors):
+    return hashlib.sha256(repr([t.tolist() for t in tensors if t is not None]).encode()).hexdigest()
+
+
+def scaled_dot_product_attention(q, k, v, mask=None):
+    if q.is_meta or _key(q, k, v, mask) not in ANSWERS:
+        return torch.zeros_like(q), torch.zeros(*q.shape[:-1], k.shape[-2], dtype=q.dtype)
+    out, weights = ANSWERS[_key(q, k, v, mask)]
+    return torch.tensor(out, dtype=q.dtype), torch.tensor(weights, dtype=q.dtype)"""
+
+
+def _visible_answers() -> str:
+    """The visible cases' inputs and answers, as a learner who read the public checks could
+    type them in: ANSWERS = {hash of the inputs: (output, weights)}."""
+    answers = {}
+
+    def record(q, k, v, mask=None):
+        out, weights = model.scaled_dot_product_attention(q, k, v, mask)
+        if not q.is_meta:
+            key = repr([t.tolist() for t in (q, k, v, mask) if t is not None])
+            answers[hashlib.sha256(key.encode()).hexdigest()] = (out.tolist(), weights.tolist())
+        return out, weights
+
+    EXERCISES["scaled_dot_product_attention"].report(record, "visible", reference_allowed=True)
+    return f"ANSWERS = {answers!r}"
+
+
 def _attacks(out, submissions, port):
     solution = ROOT / "solutions" / ASSIGNMENT / NOTEBOOK
     hidden = out / "nbgrader" / "source" / ASSIGNMENT / NOTEBOOK
@@ -107,6 +142,8 @@ def _attacks(out, submissions, port):
         "fake-equal-tensors": FAKE_EQUAL_TENSORS,
         "pre-run-cell-hook-reads-the-tests": "get_ipython().events.register("
         "'pre_run_cell', lambda info: print('SEEN:', info.raw_cell))",
+        "hard-codes-the-visible-answers": f"{_visible_answers()}\n\n\n{HARD_CODED}",
+        "reads-the-course-tests": f"print(open({str(ROOT / 'tests' / 'test_grade.py')!r}).read())",
         "reads-the-solutions": "import json\n\n"
         f"for cell in json.load(open({str(solution)!r}))['cells']:\n"
         "    if 'BEGIN SOLUTION' in ''.join(cell['source']):\n"
@@ -120,7 +157,7 @@ def _attacks(out, submissions, port):
         "uses-the-network": "import socket\n\n"
         f"socket.create_connection(('127.0.0.1', {port}), timeout=5).sendall(b'leak')",
         "fork-bomb": FORK_BOMB,
-        "floods-the-output": "for _ in range(200):\n    print('x' * 1_000_000)",
+        "floods-the-output": "for _ in range(2_000):\n    print('x' * 1_000_000)",
     }
 
 
@@ -133,7 +170,8 @@ def attacked(tmp_path_factory):
     for student, attack in attacks.items():
         path = folder / student / ASSIGNMENT / NOTEBOOK
         path.parent.mkdir(parents=True)
-        answers = {**WRONG, "self_attention": f"{WRONG['self_attention']}\n\n\n{attack}"}
+        cell = ANSWERED_IN.get(student, "self_attention")
+        answers = {**WRONG, cell: f"{WRONG[cell]}\n\n\n{attack}"}
         path.write_text(_submission(answers))
     other = (folder / "prints-all-tests-passed" / ASSIGNMENT / NOTEBOOK).read_bytes()
     os.environ["GRADER_SECRET"] = SECRET
@@ -172,6 +210,17 @@ def test_nothing_secret_reaches_the_learners_output(attacked):
             assert secret not in printed, (notebook.parts[-3], secret)
     for page in (out / "feedback").rglob("*.html"):
         assert "HIDDEN TESTS" not in page.read_text() and SECRET not in page.read_text()
+
+
+@pytest.mark.slow
+def test_hard_coded_visible_answers_pass_the_visible_checks_only(attacked):
+    _, out, *_ = attacked
+    graded = out / "nbgrader" / "autograded" / "hard-codes-the-visible-answers" / ASSIGNMENT
+    cells = nbformat.read(graded / NOTEBOOK, as_version=4).cells
+    test = next(c for c in cells if c.metadata["nbgrader"].get("grade_id") == "test_"
+                "scaled_dot_product_attention")  # fmt: skip
+    printed = json.dumps(test.outputs)
+    assert "6 of 6 visible checks passed" in printed and "hidden checks passed" in printed
 
 
 @pytest.mark.slow

@@ -7,8 +7,8 @@ import importlib
 import pytest
 
 from transformer_course.checks import EXERCISES
+from transformer_course.grading.confine import Limits
 from transformer_course.grading.remote import Sandbox
-from transformer_course.grading.sandbox import Limits
 
 from .proofs import SUITES
 

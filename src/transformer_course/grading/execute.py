@@ -27,9 +27,9 @@ from nbgrader.preprocessors import Execute
 from traitlets import Float, Integer, List, Unicode
 
 from .. import checks
+from .confine import Limits
 from .notebooks import is_test_cell
 from .remote import Sandbox, SandboxDied, SandboxStopped
-from .sandbox import Limits
 
 # The check functions a test cell may call: the course's own, never the learner's.
 CHECKS = {

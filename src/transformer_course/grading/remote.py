@@ -32,14 +32,12 @@ from torch.utils._python_dispatch import _disable_current_modes, _get_current_di
 
 from ..checks.core import CpuTensorUsed, LibraryCalls, NoCpuTensors, ReferenceCalls
 from . import wire
+from .confine import FIRST_UID, Limits, processes_of
 from .sandbox import (
-    FIRST_UID,
-    Limits,
     apply_state,
     flat_tensors,
     module_state,
     own_state,
-    processes_of,
     qualified,
     resolve,
 )

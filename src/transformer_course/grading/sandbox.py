@@ -4,44 +4,24 @@ It runs the notebook's learner cells, then answers the grader's requests: call t
 or module on these tensors, give the gradients of that call. It holds no test, no reference
 output and no gradebook, and decides nothing: it returns tensors, and the grader, in its own
 process, compares them with references it computed itself (see `remote`). Before any learner
-code runs it takes what the platform allows: a new process group, limits on memory, processes
-and file size, no network, the course's private folders hidden, and an unprivileged user.
+code runs it confines itself (see `confine`).
 """
 
 from __future__ import annotations
 
-import ctypes
 import io
 import os
-import resource
-import signal
 import sys
-import tempfile
 import traceback
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
 from . import wire
+from .confine import Limits, confine
 
-FIRST_UID = 100_000  # sandboxes started by root run as FIRST_UID + pid: a user of their own
-CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
-MS_BIND, MS_MOVE, MS_REC, MS_PRIVATE = 0x1000, 0x2000, 0x4000, 0x40000
 TRUSTED = ("torch.", "transformer_course.")  # modules whose classes both sides share
 SIMPLE = (type(None), bool, int, float, str, torch.dtype)
-
-
-@dataclass(frozen=True)
-class Limits:
-    memory: int = 8 * 2**30  # bytes of address space
-    processes: int = 64  # processes and threads the learner's code may add
-    file_size: int = 64 * 2**20  # bytes any file the code writes may reach
-    output: int = 1_000_000  # characters of printed output kept per cell
-    hide: tuple[str, ...] = ()  # folders replaced by an empty one (solutions, tests, OUT)
-    workdir: str = "."  # the learner's working folder, empty but for what the grader put there
-    threads: int = 1  # OMP_NUM_THREADS: a share of the cores
-    enforced: list[str] = field(default_factory=list)  # filled in by the sandbox: what held
 
 
 def serve(conn, limits: Limits) -> None:
@@ -56,107 +36,6 @@ def serve(conn, limits: Limits) -> None:
         except EOFError:
             os._exit(0)
         conn.send_bytes(server.answer(data))
-
-
-def confine(limits: Limits) -> list[str]:
-    """Apply every restriction this platform allows; name the ones that held."""
-    enforced = []
-    os.setsid()  # the grader kills the whole group: loops that ignore signals, forks
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write fails, it does not kill
-    libc = ctypes.CDLL(None, use_errno=True)
-    root = os.geteuid() == 0
-    flags = CLONE_NEWNS | CLONE_NEWNET | (0 if root else CLONE_NEWUSER)
-    uid, gid = os.geteuid(), os.getegid()
-    if libc.unshare(flags) == 0:
-        enforced.append("no network")
-        if not root:  # map ourselves to root inside the new user namespace, to mount
-            _write("/proc/self/setgroups", "deny")
-            _write("/proc/self/uid_map", f"0 {uid} 1")
-            _write("/proc/self/gid_map", f"0 {gid} 1")
-        libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None)
-        hidden = [p for p in limits.hide if os.path.isdir(p)]
-        if all(_mount(libc, "tmpfs", p, "tmpfs", 0, "size=1m") for p in hidden):
-            enforced.append("private folders hidden")
-        if root:
-            _expose(libc, [sys.base_prefix, sys.prefix, *sys.path, limits.workdir])
-    os.chdir(limits.workdir)
-    if root:
-        user = FIRST_UID + os.getpid()
-        os.chown(limits.workdir, user, user)
-        os.setgroups([])
-        os.setgid(user)
-        os.setuid(user)
-        enforced.append("unprivileged user")
-    own = _tasks(processes_of(os.getuid()))
-    for which, value in ((resource.RLIMIT_AS, limits.memory),
-                         (resource.RLIMIT_NPROC, own + limits.processes),
-                         (resource.RLIMIT_FSIZE, limits.file_size),
-                         (resource.RLIMIT_CORE, 0)):  # fmt: skip
-        resource.setrlimit(which, (value, value))
-    enforced.append("memory, process and file-size limits")
-    os.environ.clear()  # the grader's environment may hold secrets
-    os.environ.update(PATH="/usr/bin:/bin", HOME=limits.workdir, MPLBACKEND="Agg",
-                      OMP_NUM_THREADS=str(limits.threads))  # fmt: skip
-    torch.set_num_threads(limits.threads)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)  # output written below Python (os.write, C code) goes nowhere
-    os.dup2(devnull, 2)
-    return enforced
-
-
-def _mount(libc, source: str, target: str, kind: str | None, flags: int, data: str = "") -> bool:
-    fs = kind.encode() if kind else None
-    return libc.mount(source.encode(), target.encode(), fs, flags, data.encode() or None) == 0
-
-
-def _expose(libc, needed: list[str]) -> None:
-    """Make the folders Python and the course live in reachable for an unprivileged user,
-    inside this private mount namespace: a parent folder others may not enter (/root, say)
-    is replaced by an empty one holding only the needed entry, mounted back in place."""
-    closed: dict[str, set[str]] = {}
-    for path in filter(os.path.isdir, map(os.path.realpath, needed)):
-        parts = path.split(os.sep)[1:]
-        for i in range(len(parts) - 1):
-            folder = os.sep + os.path.join(*parts[: i + 1])
-            if not os.stat(folder).st_mode & 0o001:
-                closed.setdefault(folder, set()).add(parts[i + 1])
-                break
-    for folder, entries in closed.items():
-        staged = {e: tempfile.mkdtemp() for e in entries}
-        for entry, place in staged.items():
-            _mount(libc, os.path.join(folder, entry), place, None, MS_BIND | MS_REC)
-        _mount(libc, "tmpfs", folder, "tmpfs", 0, "mode=755,size=1m")
-        for entry, place in staged.items():
-            os.mkdir(os.path.join(folder, entry))
-            _mount(libc, place, os.path.join(folder, entry), None, MS_MOVE)
-
-
-def _write(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def processes_of(uid: int) -> list[int]:
-    """The ids of the user's processes."""
-    pids = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if os.stat(f"/proc/{entry}").st_uid == uid:
-                pids.append(int(entry))
-        except OSError:
-            continue
-    return pids
-
-
-def _tasks(pids: list[int]) -> int:
-    """Processes and threads, as RLIMIT_NPROC counts them."""
-    count = 0
-    for pid in pids:
-        try:
-            count += len(os.listdir(f"/proc/{pid}/task"))
-        except OSError:
-            continue
-    return count
 
 
 def _shell():

@@ -24,7 +24,8 @@ def main(control_fd: int) -> None:
     for name in PRELOAD:
         importlib.import_module(name)
     _warm_up()
-    from .sandbox import Limits, serve
+    from .confine import Limits
+    from .sandbox import serve
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps finished sandboxes
     control = socket.socket(fileno=control_fd)
