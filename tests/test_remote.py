@@ -3,11 +3,14 @@ catalogued mistake still fails and is named, every correct variant still passes,
 outputs, gradients, random numbers and instrumentation crossing the process boundary."""
 
 import importlib
+import os
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from transformer_course.checks import EXERCISES
-from transformer_course.grading.confine import Limits
+from transformer_course.grading.confine import FIRST_UID, Limits
 from transformer_course.grading.remote import Sandbox
 
 from .proofs import SUITES
@@ -91,3 +94,26 @@ def test_training_is_judged_here_and_its_budget_kept_across_the_boundary(sandbox
                                 f"__import__({module!r}, fromlist=['_']).{name})")  # fmt: skip
         report = EXERCISES[exercise].report(impl, "visible")
         assert not report.passed and report.mistakes == [mistake.id], str(report)
+
+
+def test_the_sandbox_is_confined_as_far_as_the_platform_allows():
+    """As root (CI): every restriction holds, and a folder everyone may read is hidden all the
+    same. Elsewhere the sandbox says which restrictions held."""
+    with tempfile.TemporaryDirectory() as open_folder, tempfile.TemporaryDirectory() as work:
+        os.chmod(open_folder, 0o755)  # readable by any user: only hiding can keep it out
+        (Path(open_folder) / "answers.txt").write_text("42")
+        box = Sandbox(Limits(workdir=work, hide=(open_folder,)))
+        try:
+            reply = box.exec(f"import os\nprint(os.listdir({open_folder!r}), os.getuid())")
+        finally:
+            box.kill()
+    assert reply["error"] is None, reply["error"]
+    listed, uid = reply["stdout"].rsplit(" ", 1)
+    if os.geteuid() == 0:
+        assert box.enforced == ["no network", "private folders hidden", "unprivileged user",
+                                "memory, process and file-size limits"]  # fmt: skip
+        assert int(uid) >= FIRST_UID
+    if "private folders hidden" in box.enforced:
+        assert listed == "[]"
+    else:
+        assert listed == "['answers.txt']"  # the test can tell the two apart
