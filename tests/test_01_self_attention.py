@@ -179,3 +179,14 @@ def test_the_cuda_cases_code_path_runs_here_on_the_cpu():
     ch1._module_on_device("cpu")(LinearsByHand, False)
     with pytest.raises(AssertionError, match="Likely|differ|yours"):
         ch1._module_on_device("cpu")(ch1._ValueFromKeyProj, False)
+
+
+def through_torch_ops(q, k, v, mask=None):
+    """The library's attention reached as its ATen operator, not as F.<name>."""
+    weights = einsum_attention(q, k, v, mask)[1]
+    return torch.ops.aten.scaled_dot_product_attention(q, k, v, attn_mask=mask), weights
+
+
+def test_the_library_reached_through_torch_ops_is_named():
+    report = SDPA.report(through_torch_ops)
+    assert not report.passed and report.mistakes == ["calls_library"], str(report)

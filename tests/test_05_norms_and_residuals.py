@@ -310,3 +310,16 @@ def test_report_is_plain_data():
     data = RMS_NORM.report(ch5.RMS_NORM_MISTAKE["rms_subtracts_mean"].impl).to_dict()
     assert data["exercise"] == "rms_norm"
     assert any(r["mistake"] == "rms_subtracts_mean" for r in data["results"])
+
+
+class LayerNormThroughTorchOps(VarMeanLayerNorm):
+    """nn.LayerNorm's own operator, reached as torch.ops.aten.layer_norm."""
+
+    def forward(self, x):
+        shape = list(self.normalized_shape)
+        return torch.ops.aten.layer_norm(x, shape, self.weight, self.bias, self.eps)
+
+
+def test_the_library_reached_through_torch_ops_is_named():
+    report = LAYER_NORM.report(LayerNormThroughTorchOps)
+    assert not report.passed and "calls_layer_norm" in report.mistakes, str(report)

@@ -107,6 +107,7 @@ LIBRARY_BY_NAME = "import importlib\n\n" + WITH_LIBRARY.format(
     call='getattr(importlib.import_module("torch.nn.functional"), "scaled_dot_" + "product_'
     'attention")'
 )
+LIBRARY_THROUGH_TORCH_OPS = WITH_LIBRARY.format(call="torch.ops.aten.scaled_dot_product_attention")
 COURSE_REFERENCE = """from transformer_course import model as course
 
 attend = course.scaled_dot_product_attention
@@ -165,6 +166,8 @@ def _scenarios():
         "library-called-directly": (NOTEBOOK, _submission(shortcut(LIBRARY_DIRECTLY)), 4,
                                     "graded"),
         "library-called-by-name": (NOTEBOOK, _submission(shortcut(LIBRARY_BY_NAME)), 4, "graded"),
+        "library-through-torch-ops": (NOTEBOOK, _submission(shortcut(LIBRARY_THROUGH_TORCH_OPS)),
+                                      4, "graded"),
         "course-reference-aliased": (NOTEBOOK, _submission(shortcut(COURSE_REFERENCE)), 4,
                                      "graded"),
         "helper-cell-added": (NOTEBOOK, _submission(with_helper, _helper_cell_added), 10,

@@ -362,9 +362,21 @@ def load_linears(module: nn.Module, weights: dict[str, tuple[torch.Tensor, torch
                 layer.bias.copy_(b)
 
 
+# The ATen operators behind each forbidden function, by the function's name: what the learner
+# reaches by calling torch.ops.aten.<operator> instead of the function itself.
+OPERATORS = {
+    "scaled_dot_product_attention": ("scaled_dot_product",),
+    "multi_head_attention_forward": ("multi_head_attention", "scaled_dot_product"),
+    "layer_norm": ("layer_norm",),
+    "rms_norm": ("rms_norm",),
+    "unfold": ("im2col",),
+}
+
+
 class LibraryCalls(TorchFunctionMode):
     """Records calls of the given PyTorch functions, however the learner reached them
-    (an alias, getattr, or a module such as nn.MultiheadAttention that calls them)."""
+    (an alias, getattr, a module such as nn.MultiheadAttention that calls them, or the ATen
+    operator underneath through torch.ops)."""
 
     def __init__(self, *forbidden):
         super().__init__()
@@ -372,9 +384,19 @@ class LibraryCalls(TorchFunctionMode):
         self.called = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.forbidden:
-            self.called.append(getattr(func, "__name__", str(func)))
+        name = self._forbidden(func)
+        if name:
+            self.called.append(name)
         return func(*args, **(kwargs or {}))
+
+    def _forbidden(self, func) -> str | None:
+        if func in self.forbidden:
+            return getattr(func, "__name__", str(func))
+        if isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            for f in self.forbidden:
+                if any(op in str(func) for op in OPERATORS.get(f.__name__, ())):
+                    return f.__name__
+        return None
 
 
 def expect_device(what: str, yours: Any, device: torch.device | str) -> None:

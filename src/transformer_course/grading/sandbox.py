@@ -140,7 +140,8 @@ def apply_state(m: nn.Module, state: dict) -> None:
 
 
 def _simple(key: str, value) -> bool:
-    if key.startswith("__") or key == "training":
+    """A plain attribute kept in step; not the mirror's own links to the sandbox."""
+    if key.startswith(("__", "_remote")) or key == "training":
         return False
     if isinstance(value, (tuple, list)):
         return all(isinstance(v, SIMPLE) for v in value)
