@@ -54,6 +54,9 @@ def _grade(args) -> int:
         print(f"{s.student:>20}  {s.assignment or '?':<24} {s.score:g}/{s.max_score:g}  {s.status}")
     n_graded = sum(s.status == GRADED for s in subs)
     print(f"graded {n_graded} of {len(subs)} submissions; tables and feedback in {args.out}")
+    held = sorted({", ".join(s.sandbox) for s in subs if s.status == GRADED})
+    for isolation in held:  # one line unless the platform's answer changed during the batch
+        print(f"learners' code ran in a sandbox with: {isolation or 'no isolation'}")
     return 0
 
 

@@ -51,6 +51,7 @@ class TrustedExecute(Execute):
         self.limits = Limits(memory=int(self.memory * 2**30), hide=tuple(self.hide),
                              workdir=workdir, threads=self.threads)  # fmt: skip
         self.sandbox, self.ran = None, []  # the sandbox, and the learner cells it has run
+        self.enforced: list[str] = []
         try:
             for cell in nb.cells:
                 if cell.cell_type == "code":
@@ -63,12 +64,15 @@ class TrustedExecute(Execute):
             if self.sandbox is not None:
                 self.sandbox.kill()
             shutil.rmtree(workdir, ignore_errors=True)
+        # What isolation held, for the instructor's summary (it varies by platform).
+        nb.metadata["transformer_course"] = {"sandbox": self.enforced}
         return nb, resources
 
     def _start(self) -> Sandbox:
         """The sandbox, started (again) if need be, with the cells that ran before replayed."""
         if self.sandbox is None:
             self.sandbox = Sandbox(self.limits)
+            self.enforced = self.sandbox.enforced
             for source in self.ran:
                 with self.sandbox.limit(self.timeout):
                     self.sandbox.exec(source)

@@ -49,6 +49,7 @@ class Submission:
     max_score: float = 0.0
     tests: list[TestResult] = field(default_factory=list)
     test_scores: dict[str, float] = field(default_factory=dict)
+    sandbox: list[str] = field(default_factory=list)  # the isolation that held while graded
 
 
 # What browsers and Colab make of a notebook's name: "Copy of X.ipynb" (Colab's "Save a copy
@@ -251,7 +252,9 @@ def _read_gradebook(db_url: str, work: Path, subs: list[Submission], known) -> N
             for nb in submitted.notebooks:
                 sub.test_scores.update({g.name: g.score for g in nb.grades})
             autograded = work / "autograded" / sub.student / sub.assignment / sub.notebook
-            sub.tests = results(nbformat.read(autograded, as_version=4))
+            nb = nbformat.read(autograded, as_version=4)
+            sub.tests = results(nb)
+            sub.sandbox = nb.metadata.get("transformer_course", {}).get("sandbox", [])
 
 
 def _write_tables(out: Path, subs: list[Submission]) -> None:
