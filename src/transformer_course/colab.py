@@ -19,7 +19,7 @@ BADGE = "colab-badge"  # the cells' ids, by which they are found and replaced
 SETUP = "colab-setup"
 FOLDERS = ("book", "solutions")  # exercises/ is released from solutions/, cells included
 
-SETUP_CODE = '''\
+SETUP_CODE = """\
 # Colab only: install the course's package at this notebook's release and pick the device.
 # Anywhere else (your machine, the website, the grader) this cell installs nothing.
 import os
@@ -33,7 +33,7 @@ if "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ:
 
 import torch
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")'''
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")"""
 
 
 def repository(root: Path) -> tuple[str, str]:
@@ -60,14 +60,22 @@ def cells(root: Path, notebook: Path) -> list:
     url, _ = repository(root)
     requirement = f"transformer-course @ git+{url}@v{version('transformer-course')}"
     setup = nbformat.v4.new_code_cell(SETUP_CODE.format(requirement=requirement))
+    setup.metadata["tags"] = ["remove-cell"]  # shown in Colab and Jupyter, not on the website
     badge.id, setup.id = BADGE, SETUP
     return [badge, setup]
 
 
 def with_colab_cells(root: Path, notebook: Path):
-    """The notebook with its badge and setup cells first, written or replaced."""
+    """The notebook with its badge and setup cells first, written or replaced; a setup cell
+    whose code is unchanged keeps its execution (book pages are committed executed)."""
     nb = nbformat.read(notebook, as_version=4)
-    nb.cells = cells(root, notebook) + [c for c in nb.cells if c.get("id") not in (BADGE, SETUP)]
+    old = {c.get("id"): c for c in nb.cells}
+    new = cells(root, notebook)
+    for cell in new:
+        previous = old.get(cell.id)
+        if cell.cell_type == "code" and previous is not None and previous.source == cell.source:
+            cell.outputs, cell.execution_count = previous.outputs, previous.execution_count
+    nb.cells = new + [c for c in nb.cells if c.get("id") not in (BADGE, SETUP)]
     return nb
 
 
@@ -76,7 +84,8 @@ def notebooks(root: Path) -> list[Path]:
                   if ".ipynb_checkpoints" not in p.parts)  # fmt: skip
 
 
-def main(root: Path = Path.cwd()) -> int:
+def main() -> int:
+    root = Path.cwd()
     for notebook in notebooks(root):
         nbformat.write(with_colab_cells(root, notebook), notebook)
     print(f"Colab cells written into {len(notebooks(root))} notebooks; run `make exercises`.")
