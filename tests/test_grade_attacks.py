@@ -217,7 +217,7 @@ def test_hard_coded_visible_answers_pass_the_visible_checks_only(attacked):
     _, out, *_ = attacked
     graded = out / "nbgrader" / "autograded" / "hard-codes-the-visible-answers" / ASSIGNMENT
     cells = nbformat.read(graded / NOTEBOOK, as_version=4).cells
-    test = next(c for c in cells if c.metadata["nbgrader"].get("grade_id") == "test_"
+    test = next(c for c in cells if c.metadata.get("nbgrader", {}).get("grade_id") == "test_"
                 "scaled_dot_product_attention")  # fmt: skip
     printed = json.dumps(test.outputs)
     assert "6 of 6 visible checks passed" in printed and "hidden checks passed" in printed
