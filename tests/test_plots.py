@@ -34,11 +34,14 @@ def test_returns_a_figure_with_the_placement_in_its_title(draw, norm_first):
     assert ("pre-norm" if norm_first else "post-norm") in title
 
 
+def spine(fig):
+    """The heights of the input, the attention, the feed-forward and the output."""
+    return [heights(fig, p)[0] for p in ("input", "Multi-head attention", "Feed-forward", "output")]
+
+
 def test_pre_norm_order_bottom_to_top(draw):
     fig = draw(True)
-    (x,), (attention,), (ff,), (out,) = (
-        heights(fig, p) for p in ("input", "Multi-head attention (ch. 2)", "Feed-forward", "output")
-    )
+    x, attention, ff, out = spine(fig)
     norm1, norm2 = heights(fig, "LayerNorm (ch. 5)")
     assert x < norm1 < attention < norm2 < ff < out
     drop1, drop2 = heights(fig, "Dropout")
@@ -47,9 +50,7 @@ def test_pre_norm_order_bottom_to_top(draw):
 
 def test_post_norm_puts_each_norm_after_its_sublayer(draw):
     fig = draw(False)
-    (x,), (attention,), (ff,), (out,) = (
-        heights(fig, p) for p in ("input", "Multi-head attention", "Feed-forward (ch. 4)", "output")
-    )
+    x, attention, ff, out = spine(fig)
     norm1, norm2 = heights(fig, "LayerNorm")
     assert x < attention < norm1 < ff < norm2 < out
 
