@@ -52,6 +52,7 @@ class TrustedExecute(Execute):
                              workdir=workdir, threads=self.threads)  # fmt: skip
         self.sandbox, self.ran = None, []  # the sandbox, and the learner cells it has run
         self.enforced: list[str] = []
+        self.uids: list[int] = []
         try:
             for cell in nb.cells:
                 if cell.cell_type == "code":
@@ -64,8 +65,9 @@ class TrustedExecute(Execute):
             if self.sandbox is not None:
                 self.sandbox.kill()
             shutil.rmtree(workdir, ignore_errors=True)
-        # What isolation held, for the instructor's summary (it varies by platform).
-        nb.metadata["transformer_course"] = {"sandbox": self.enforced}
+        # What isolation held, for the instructor's summary (it varies by platform), and the
+        # users the sandboxes ran as, by which a test sees that none of their processes is left.
+        nb.metadata["transformer_course"] = {"sandbox": self.enforced, "uids": self.uids}
         return nb, resources
 
     def _start(self) -> Sandbox:
@@ -73,6 +75,7 @@ class TrustedExecute(Execute):
         if self.sandbox is None:
             self.sandbox = Sandbox(self.limits)
             self.enforced = self.sandbox.enforced
+            self.uids.append(self.sandbox.uid)
             for source in self.ran:
                 with self.sandbox.limit(self.timeout):
                     self.sandbox.exec(source)
