@@ -1,5 +1,7 @@
 """The check engine itself: verdicts, reports and diagnosis, independent of any chapter."""
 
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -17,6 +19,7 @@ from transformer_course.checks.core import (
     NoCpuTensors,
     describe,
     expect_close,
+    expect_on_meta,
     load_linears,
 )
 
@@ -123,3 +126,16 @@ def test_cpu_tensors_on_meta_are_caught_even_where_meta_would_run_them():
         F.embedding(torch.arange(3), weight)
     with NoCpuTensors():  # a CPU tensor copied to the device, or a CPU scalar, is fine
         F.embedding(torch.arange(3).to("meta"), weight) * torch.tensor(2.0)
+
+
+def test_expect_on_meta_wants_shape_dtype_and_the_meta_device():
+    expect_on_meta("output", torch.empty(2, 3, device="meta"), (2, 3))
+    wrong = {
+        "on the cpu": (torch.empty(2, 3), "is on cpu"),
+        "wrong shape": (torch.empty(3, 2, device="meta"), "shape (3, 2)"),
+        "wrong dtype": (torch.empty(2, 3, dtype=torch.float64, device="meta"), "torch.float64"),
+    }
+    for case, (yours, message) in wrong.items():
+        with pytest.raises(CheckFailed, match=re.escape(message)):
+            expect_on_meta("output", yours, (2, 3))
+            pytest.fail(case)

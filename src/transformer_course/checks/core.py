@@ -406,6 +406,15 @@ def expect_device(what: str, yours: Any, device: torch.device | str) -> None:
         raise CheckFailed(f"{what} is on {yours.device}, the input on {device}.")
 
 
+def expect_on_meta(
+    what: str, yours: Any, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+) -> None:
+    """A meta-device case's result: the right shape and dtype, and on meta like its inputs
+    (a result computed from a CPU tensor made inside would land on the CPU)."""
+    expect_shape(f"{what} on meta", yours, shape, dtype)
+    expect_device(f"Your {what}", yours, "meta")
+
+
 def expect_value_error(call: Callable[[], Any], what: str, mistake: Mistake | None) -> None:
     """call() must raise ValueError; anything else fails, naming `mistake`."""
     try:

@@ -26,6 +26,7 @@ from .core import (
     describe,
     expect_close,
     expect_device,
+    expect_on_meta,
     expect_shape,
     on_meta,
     randn,
@@ -270,8 +271,7 @@ def _on_meta(cls, mistakes, build, shape, what):
     x = torch.empty(shape, device="meta")
     call = on_meta(lambda impl: build(impl).to("meta")(x))
     out = attempt(call, cls, mistakes, f"{what}, x {tuple(shape)}, on the meta device")
-    expect_shape("output on meta", out, shape, torch.float32)
-    expect_device("Your output", out, "meta")
+    expect_on_meta("output", out, shape)
 
 
 # ---------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from .core import (
     attempt,
     expect_close,
     expect_device,
+    expect_on_meta,
     expect_shape,
     expect_value_error,
     on_meta,
@@ -533,8 +534,7 @@ def _encoding_on_device(device):
             return _moved(impl(8, max_len=50), "meta")(x)
 
         out = attempt(on_meta(call), cls, ENCODING_MISTAKES, "module and x on the meta device")
-        expect_shape("output on meta", out, (2, 7, 8), torch.float32)
-        expect_device("Your output", out, "meta")
+        expect_on_meta("output", out, (2, 7, 8))
 
     return run
 
@@ -737,8 +737,7 @@ def _learned_on_device(device):
             return _build_learned(impl, 12, 8, weight)[0].to("meta")(x)
 
         out = attempt(on_meta(call), cls, LEARNED_MISTAKES, "module and x on the meta device")
-        expect_shape("output on meta", out, (2, 7, 8), torch.float32)
-        expect_device("Your output", out, "meta")
+        expect_on_meta("output", out, (2, 7, 8))
 
     return run
 
@@ -992,8 +991,7 @@ def _rope_on_device(device):
         for p, what in ((None, "default positions"), (positions, "positions given")):
             call = on_meta(lambda impl, p=p: impl(x) if p is None else impl(x, p))
             out = attempt(call, fn, ROPE_MISTAKES, f"x on the meta device, {what}")
-            expect_shape("output on meta", out, x.shape, x.dtype)
-            expect_device("Your output", out, "meta")
+            expect_on_meta("output", out, x.shape, x.dtype)
 
     return run
 

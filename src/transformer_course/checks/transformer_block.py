@@ -22,6 +22,7 @@ from .core import (
     attempt,
     expect_close,
     expect_device,
+    expect_on_meta,
     expect_shape,
     load_linears,
     on_meta,
@@ -367,7 +368,7 @@ def _block_on_device(device):
             return block.to("meta")(meta_x, mask.to("meta"))
 
         out = attempt(on_meta(call), cls, BLOCK_MISTAKES, "block and x on the meta device")
-        expect_shape("output on meta", out, (2, 5, E), torch.float32)
+        expect_on_meta("output", out, (2, 5, E))
 
     return run
 
@@ -521,7 +522,7 @@ def _encoder_on_meta(cls, reveal):
         return encoder(torch.empty(2, 5, E, device="meta"))
 
     out = attempt(on_meta(call), cls, ENCODER_MISTAKES, "encoder and x on the meta device")
-    expect_shape("output on meta", out, (2, 5, E), torch.float32)
+    expect_on_meta("output", out, (2, 5, E))
 
 
 TRANSFORMER_ENCODER = Exercise(
@@ -576,7 +577,7 @@ def _sorting_model_on_meta(cls, reveal):
         return impl().to("meta")(torch.zeros(2, LENGTH, dtype=torch.long, device="meta"))
 
     logits = attempt(on_meta(call), cls, SORTING_MODEL_MISTAKES, "model and tokens on meta")
-    expect_shape("logits on meta", logits, (2, LENGTH, VOCAB), torch.float32)
+    expect_on_meta("logits", logits, (2, LENGTH, VOCAB))
 
 
 class _NoPositions(nn.Module):

@@ -29,6 +29,7 @@ from .core import (
     diagnose,
     expect_close,
     expect_device,
+    expect_on_meta,
     expect_shape,
     expect_value_error,
     load_linears,
@@ -236,8 +237,7 @@ def _patchify_on(device):
             return impl(torch.empty(2, 3, 8, 6, device="meta"), 2)
 
         yours = attempt(on_meta(call), fn, PATCHIFY_MISTAKES, "images on the meta device")
-        expect_shape("patches on meta", yours, (2, 12, 12), torch.float32)
-        expect_device("Your patches", yours, "meta")
+        expect_on_meta("patches", yours, (2, 12, 12))
 
     return run
 
@@ -396,7 +396,7 @@ def _embedding_on(device):
             return impl(8, 2, 3, 16).to("meta")(torch.empty(2, 3, 8, 8, device="meta"))
 
         yours = attempt(on_meta(call), cls, EMBEDDING_MISTAKES, "module and images on meta")
-        expect_shape("embeddings on meta", yours, (2, 16, 16), torch.float32)
+        expect_on_meta("embeddings", yours, (2, 16, 16))
 
     return run
 
@@ -765,7 +765,7 @@ def _vit_on(device):
             return impl(**SMALL).to("meta")(torch.empty(2, 1, 8, 8, device="meta"))
 
         logits = attempt(on_meta(call), cls, VIT_MISTAKES, "model and images on the meta device")
-        expect_shape("logits on meta", logits, (2, 10), torch.float32)
+        expect_on_meta("logits", logits, (2, 10))
 
     return run
 
