@@ -1,7 +1,8 @@
-"""The website in a real browser: the site is built offline, served on localhost and read by
-headless Chromium. Every page of the table of contents loads without console errors, its math
-is typeset by the MathJax the site serves itself, its images load, and an exercise page's
-Colab button opens that exercise. Screenshots go to _build/screenshots/ for a person to see."""
+"""The website: built offline, warnings as errors, with a page for every entry of _toc.yml;
+then served on localhost and read by headless Chromium. Every page loads without console
+errors, its math is typeset by the MathJax the site serves itself, its images load, and an
+exercise page's Colab button opens that exercise. Screenshots go to _build/screenshots/ for
+a person to see."""
 
 import functools
 import http.server
@@ -26,13 +27,7 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update",
          "--disable-sync"]  # fmt: skip
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        CHROMIUM is None and not os.environ.get("REQUIRE_BROWSER"),
-        reason="Chromium is not installed (.ci/run installs Debian's chromium)",
-    ),
-]
+pytestmark = pytest.mark.slow
 
 
 def _pages() -> list[str]:
@@ -51,14 +46,30 @@ def _pages() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    """The site, built offline into a folder of its own and served on localhost."""
+def built(tmp_path_factory):
+    """The site, built once for this module, with any attempt to reach the network sent to a
+    closed local port (so it fails the build)."""
     out = tmp_path_factory.mktemp("site")
+    closed = "http://127.0.0.1:9"
+    env = {**os.environ, "HTTP_PROXY": closed, "HTTPS_PROXY": closed, "NO_PROXY": ""}
+    env.update(http_proxy=closed, https_proxy=closed, no_proxy="")
     jupyter_book = Path(sys.executable).parent / "jupyter-book"
-    build = [jupyter_book, "build", ROOT, "--path-output", out, "--warningiserror"]
-    done = subprocess.run(build, capture_output=True, text=True)
+    build = [jupyter_book, "build", ROOT, "--path-output", out, "--warningiserror", "--keep-going"]
+    done = subprocess.run(build, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=out / "_build/html")
+    return out / "_build" / "html"
+
+
+def test_site_builds_offline_with_a_page_for_every_toc_entry(built):
+    for page in _pages():
+        assert (built / f"{page}.html").is_file(), f"no page for {page}"
+    assert (built / "index.html").is_file()
+
+
+@pytest.fixture(scope="module")
+def site(built):
+    """The built site, served on localhost."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=built)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -67,6 +78,8 @@ def site(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
+    if CHROMIUM is None and not os.environ.get("REQUIRE_BROWSER"):
+        pytest.skip("Chromium is not installed (.ci/run installs Debian's chromium)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
