@@ -1,7 +1,21 @@
 """The two ways every check is proven, shared by the chapters' tests: correct variants pass
 both suites, and each catalogued mistake fails and is named."""
 
+import pytest
+
+from transformer_course.checks.core import available_devices
+
 SUITES = ("visible", "hidden")
+
+
+def catalogue(mistakes):
+    """pytest params of `mistakes`, each skipped where the device it shows on is missing."""
+    return [
+        pytest.param(m, id=m.id, marks=pytest.mark.skipif(
+            m.device not in available_devices(), reason=f"shows only on {m.device}"
+        ))
+        for m in mistakes
+    ]  # fmt: skip
 
 
 def reports(exercise, impl):

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 
 from transformer_course import model
 from transformer_course.checks import transformer_block as ch6
+from transformer_course.checks.core import CheckFailed
 from transformer_course.data import sorting_batch
 
-from .proofs import assert_fails_and_is_named, assert_passes
+from .proofs import assert_fails_and_is_named, assert_passes, catalogue
 
 # ---- correct implementations written differently from the reference -------------------
 
@@ -84,7 +85,7 @@ class SinusoidalSortingModel(nn.Module):
 def train_with_adam_constant_lr(net, num_steps):
     optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
     for _ in range(num_steps):
-        tokens, targets = sorting_batch(256)
+        tokens, targets = (t.to(net.head.weight.device) for t in sorting_batch(256))
         loss = F.cross_entropy(net(tokens).transpose(1, 2), targets)  # (B, C, L) layout
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -125,13 +126,27 @@ def test_another_correct_training_loop_reaches_the_target():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mistake", ch6.TRAIN_MISTAKES, ids=lambda m: m.id)
+@pytest.mark.parametrize("mistake", catalogue(ch6.TRAIN_MISTAKES))
 def test_each_training_mistake_fails_and_is_named(mistake):
     report = ch6.TRAIN_SORTING_MODEL.report((mistake.impl, SinusoidalSortingModel))
     assert not report.passed and report.mistakes == [mistake.id], str(report)
+
+
+def test_the_cuda_training_case_names_batches_left_on_the_cpu_here_on_meta():
+    """On meta as on CUDA, PyTorch refuses the CPU batches; the case must say why."""
+    mistake = ch6.TRAIN_MISTAKE["batches_off_the_model_device"]
+    with pytest.raises(CheckFailed, match="model on meta") as failure:
+        ch6._trained(0, 900, device="meta")((mistake.impl, SinusoidalSortingModel), False)
+    assert failure.value.mistake is mistake
 
 
 def test_the_cuda_cases_code_path_runs_here_on_the_cpu():
     ch6._block_on_device("cpu")(SublayerBlock, False)
     with pytest.raises(AssertionError, match="Likely mistake|yours"):
         ch6._block_on_device("cpu")(ch6._NormsSwapped, False)
+    ch6._encoder_on_device("cpu")(ReducedEncoder, False)
+    (mask_dropped,) = [m for m in ch6.ENCODER_MISTAKES if m.id == "mask_not_passed_on"]
+    with pytest.raises(CheckFailed) as failure:
+        ch6._encoder_on_device("cpu")(mask_dropped.impl, False)
+    assert failure.value.mistake is mask_dropped
+    ch6._sorting_model_on_device("cpu")(SinusoidalSortingModel, False)

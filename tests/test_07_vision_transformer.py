@@ -16,6 +16,7 @@ from .proofs import (
     assert_fails_and_is_named,
     assert_hidden_failures_show_no_values,
     assert_passes,
+    catalogue,
 )
 
 # ---- correct implementations written differently from the reference -------------------
@@ -144,10 +145,11 @@ class TinyViT(PaddedTokenViT):
 
 def train_with_adam_constant_lr(net, images, labels, num_epochs):
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    device = net.head.weight.device
     for _ in range(num_epochs):
         net.train()
-        for batch in torch.randperm(len(images)).split(64):
-            loss = F.cross_entropy(net(images[batch]), labels[batch])
+        for batch in torch.randperm(len(images)).split(64):  # each batch moved on its own
+            loss = F.cross_entropy(net(images[batch].to(device)), labels[batch].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -214,10 +216,18 @@ def test_another_correct_training_loop_reaches_the_target():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mistake", ch7.TRAIN_MISTAKES, ids=lambda m: m.id)
+@pytest.mark.parametrize("mistake", catalogue(ch7.TRAIN_MISTAKES))
 def test_each_training_mistake_fails_and_is_named(mistake):
     report = ch7.TRAIN_VISION_TRANSFORMER.report((mistake.impl, TinyViT))
     assert not report.passed and report.mistakes == [mistake.id], str(report)
+
+
+def test_the_cuda_training_case_names_images_left_on_the_cpu_here_on_meta():
+    """On meta as on CUDA, PyTorch refuses the CPU images; the case must say why."""
+    mistake = ch7.TRAIN_MISTAKE["images_off_the_model_device"]
+    with pytest.raises(CheckFailed, match="model on meta") as failure:
+        ch7._trained(0, device="meta")((mistake.impl, TinyViT), False)
+    assert failure.value.mistake is mistake
 
 
 def test_the_cuda_cases_code_path_runs_here_on_the_cpu():

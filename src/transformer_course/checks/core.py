@@ -10,7 +10,8 @@ reruns every catalogued mistake on the same inputs and names the one that reprod
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from types import FunctionType
 from typing import Any
@@ -32,6 +33,7 @@ class Mistake:
     id: str  # short name, used in reports and in the course's tests
     explanation: str  # what went wrong, in plain words, for the learner
     impl: Any  # a wrong implementation with the exercise's interface
+    device: str = "cpu"  # where it shows: data left on the CPU is right on a CPU-only machine
 
 
 @dataclass(frozen=True)
@@ -463,3 +465,31 @@ def on_meta(call: Callable[[Any], Any]) -> Callable[[Any], Any]:
             return call(impl)
 
     return rerun
+
+
+def forked_rng(device: torch.device | str):
+    """The global random state of the CPU, and of `device` when it is a GPU, put back on exit:
+    a check seeds a learner's training loop without changing the learner's own random stream."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.random.fork_rng(devices=[])
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return torch.random.fork_rng(devices=[index])
+
+
+# How PyTorch words an operation given tensors on two devices: on CUDA, then on meta.
+MIXED_DEVICES = ("Expected all tensors to be on the same device", "is not on the expected device")
+
+
+@contextmanager
+def devices_mixed_up(device: torch.device | str, mistake: Mistake) -> Iterator[None]:
+    """Around a learner's code run with its model on `device`: PyTorch's error for tensors on
+    two devices becomes a CheckFailed naming `mistake`; any other error passes through."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not any(words in str(error) for words in MIXED_DEVICES):
+            raise
+        raise CheckFailed(
+            f"With the model on {device}, your code raised RuntimeError: {error}", mistake
+        ) from None

@@ -7,6 +7,8 @@ is judged on held-out sequences that the check draws itself.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -20,10 +22,12 @@ from .core import (
     LibraryCalls,
     Mistake,
     attempt,
+    devices_mixed_up,
     expect_close,
     expect_device,
     expect_on_meta,
     expect_shape,
+    forked_rng,
     load_linears,
     on_meta,
     randn,
@@ -474,9 +478,9 @@ def _run_encoder(cls, x, mask, norm_first, num_layers=3, seed=10):
         with torch.no_grad():
             final.weight.normal_(1.0, 0.5, generator=seeded(seed))
             final.bias.normal_(0.0, 0.5, generator=seeded(seed + 1))
-    expected = x.cpu()
+    expected, cpu_mask = x.cpu(), None if mask is None else mask.cpu()
     for ref in refs:  # nn.TransformerEncoder does exactly this, without its fast paths
-        expected = ref(expected, **_pytorch_masks(mask, x.shape[0], H, x.shape[1]))
+        expected = ref(expected, **_pytorch_masks(cpu_mask, x.shape[0], H, x.shape[1]))
     expected = expected if final is None else final(expected)
 
     def rerun(impl):
@@ -489,9 +493,10 @@ def _run_encoder(cls, x, mask, norm_first, num_layers=3, seed=10):
         norm = getattr(encoder, "norm", None)
         if final is not None:
             _copy_norm("norm", norm, final)
-        return encoder.eval()(x.clone(), mask)
+        return encoder.to(x.device).eval()(x.clone(), mask)
 
     yours = attempt(rerun, cls, ENCODER_MISTAKES, f"x {tuple(x.shape)}, norm_first={norm_first}")
+    expect_device("Your output", yours, x.device)
     return yours, expected.detach(), rerun
 
 
@@ -516,13 +521,21 @@ def _encoder_masks(cls, reveal):
                          f"causal mask, norm_first={norm_first}")  # fmt: skip
 
 
-def _encoder_on_meta(cls, reveal):
-    def call(impl):
-        encoder = impl(2, E, H, F_HIDDEN, dropout=0.0, norm_first=True).to("meta")
-        return encoder(torch.empty(2, 5, E, device="meta"))
+def _encoder_on_device(device):
+    def run(cls, reveal):
+        if device != "meta":
+            causal = torch.ones(5, 5, dtype=torch.bool).tril().to(device)
+            x = randn(2, 5, E, seed=703).to(device)
+            return _compare_encoder(cls, x, causal, True, reveal, f"causal mask, on {device}")
 
-    out = attempt(on_meta(call), cls, ENCODER_MISTAKES, "encoder and x on the meta device")
-    expect_on_meta("output", out, (2, 5, E))
+        def call(impl):
+            encoder = impl(2, E, H, F_HIDDEN, dropout=0.0, norm_first=True).to("meta")
+            return encoder(torch.empty(2, 5, E, device="meta"))
+
+        out = attempt(on_meta(call), cls, ENCODER_MISTAKES, "encoder and x on the meta device")
+        expect_on_meta("output", out, (2, 5, E))
+
+    return run
 
 
 TRANSFORMER_ENCODER = Exercise(
@@ -531,7 +544,10 @@ TRANSFORMER_ENCODER = Exercise(
         Case("post-norm stack agrees with PyTorch's layers", "visible", _encoder_post_norm),
         Case("pre-norm stack, with its final norm", "visible", _encoder_pre_norm),
         Case("a causal mask reaches every block", "hidden", _encoder_masks),
-        Case("creates nothing on the CPU (meta device)", "hidden", _encoder_on_meta, "meta"),
+        Case(
+            "creates nothing on the CPU (meta device)", "hidden", _encoder_on_device("meta"), "meta"
+        ),
+        Case("runs on CUDA", "hidden", _encoder_on_device("cuda"), "cuda"),
     ),
     ENCODER_MISTAKES,
     reference=model.TransformerEncoder,
@@ -572,12 +588,27 @@ def _knows_positions(cls, reveal):
                           SORTING_MODEL_MISTAKE["no_positions"])  # fmt: skip
 
 
-def _sorting_model_on_meta(cls, reveal):
-    def call(impl):
-        return impl().to("meta")(torch.zeros(2, LENGTH, dtype=torch.long, device="meta"))
+def _sorting_model_on_device(device):
+    def run(cls, reveal):
+        if device != "meta":  # one model, its logits on the CPU and on the device
+            tokens = sorting_batch(3, generator=seeded(801))[0]
+            torch.manual_seed(0)
+            net = attempt(lambda impl: impl().eval(), cls, SORTING_MODEL_MISTAKES)
+            with torch.no_grad():
+                expected = net(tokens)
+                logits = attempt(lambda impl: impl.to(device)(tokens.to(device)), net, (),
+                                 f"model and tokens (3, 8) on {device}")  # fmt: skip
+            expect_device("Your logits", logits, device)
+            return expect_close(f"logits for tokens (3, 8) on {device}", logits, expected,
+                                atol=1e-5, rtol=0, reveal=reveal)  # fmt: skip
 
-    logits = attempt(on_meta(call), cls, SORTING_MODEL_MISTAKES, "model and tokens on meta")
-    expect_on_meta("logits", logits, (2, LENGTH, VOCAB))
+        def call(impl):
+            return impl().to("meta")(torch.zeros(2, LENGTH, dtype=torch.long, device="meta"))
+
+        logits = attempt(on_meta(call), cls, SORTING_MODEL_MISTAKES, "model and tokens on meta")
+        expect_on_meta("logits", logits, (2, LENGTH, VOCAB))
+
+    return run
 
 
 class _NoPositions(nn.Module):
@@ -607,7 +638,18 @@ SORTING_MODEL = Exercise(
         Case("maps tokens (B, 8) to logits (B, 8, 10)", "visible", _sorting_model),
         Case("is built on your encoder, not PyTorch's", "visible", _uses_your_encoder),
         Case("knows the positions", "visible", _knows_positions),
-        Case("creates nothing on the CPU (meta device)", "hidden", _sorting_model_on_meta, "meta"),
+        Case(
+            "creates nothing on the CPU (meta device)",
+            "hidden",
+            _sorting_model_on_device("meta"),
+            "meta",
+        ),
+        Case(
+            "runs on CUDA, with the CPU's logits",
+            "hidden",
+            _sorting_model_on_device("cuda"),
+            "cuda",
+        ),
     ),
     SORTING_MODEL_MISTAKES,
     reference=model.SortingModel,
@@ -616,26 +658,30 @@ SORTING_MODEL = Exercise(
 check_sorting_model = SORTING_MODEL.check
 
 
-def _train_and_score(train, model_cls, seed, held_out_seed):
-    """Train a fresh model with the learner's loop; its accuracy on held-out sequences."""
-    with torch.random.fork_rng(devices=[]):
+def _train_and_score(train, model_cls, seed, held_out_seed, device):
+    """Train a fresh model on `device` with the learner's loop; its accuracy on held-out
+    sequences."""
+    with forked_rng(device):
         torch.manual_seed(seed)
-        net = model_cls()
+        net = model_cls().to(device)
         before = [p.detach().clone() for p in net.parameters()]
-        train(net, NUM_STEPS)
+        with devices_mixed_up(device, TRAIN_MISTAKE["batches_off_the_model_device"]):
+            train(net, NUM_STEPS)
     net.eval()
     tokens, targets = sorting_batch(2000, generator=seeded(held_out_seed))
     with torch.no_grad():
-        predictions = net(tokens).argmax(-1)
+        predictions = net(tokens.to(device)).argmax(-1).cpu()
     unchanged = all(torch.equal(b, p) for b, p in zip(before, net.parameters(), strict=True))
     copies = (predictions == tokens).all(-1).float().mean().item()
     return (predictions == targets).all(-1).float().mean().item(), unchanged, copies
 
 
-def _trained(seed, held_out_seed):
+def _trained(seed, held_out_seed, device="cpu"):
     def run(impl, reveal):
         train, model_cls = impl
-        accuracy, unchanged, copies = _train_and_score(train, model_cls, seed, held_out_seed)
+        accuracy, unchanged, copies = _train_and_score(
+            train, model_cls, seed, held_out_seed, device
+        )
         if accuracy >= TARGET:
             return
         mistake = None
@@ -644,42 +690,45 @@ def _trained(seed, held_out_seed):
         elif copies > 0.5:
             mistake = TRAIN_MISTAKE["trained_to_copy"]
         raise CheckFailed(
-            f"After {NUM_STEPS} steps of your training loop, {accuracy:.1%} of 2,000 held-out "
-            f"sequences come out sorted exactly; at least {TARGET:.0%} are needed.",
+            f"After {NUM_STEPS} steps of your training loop, with the model on {device}, "
+            f"{accuracy:.1%} of 2,000 held-out sequences come out sorted exactly; at least "
+            f"{TARGET:.0%} are needed.",
             mistake,
         )
 
     return run
 
 
-def _no_step(net, num_steps):
+def _loop(net, num_steps, step=True, to_copy=False, on_model_device=True):
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    device = next(net.parameters()).device if on_model_device else None
     for _ in range(num_steps):
-        tokens, targets = sorting_batch(128)
+        tokens, targets = sorting_batch(128, device=device)
         opt.zero_grad()
-        F.cross_entropy(net(tokens).flatten(0, 1), targets.flatten()).backward()
-
-
-def _to_copy(net, num_steps):
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
-    for _ in range(num_steps):
-        tokens, _ = sorting_batch(128)
-        opt.zero_grad()
-        F.cross_entropy(net(tokens).flatten(0, 1), tokens.flatten()).backward()
-        opt.step()
+        wanted = tokens if to_copy else targets
+        F.cross_entropy(net(tokens).flatten(0, 1), wanted.flatten()).backward()
+        if step:
+            opt.step()
 
 
 TRAIN_MISTAKES = (
     Mistake(
+        "batches_off_the_model_device",
+        "the batches stay on the CPU while the model is on the GPU: draw them on the model's "
+        "device, sorting_batch(batch_size, device=next(model.parameters()).device).",
+        functools.partial(_loop, on_model_device=False),
+        device="cuda",
+    ),
+    Mistake(
         "no_optimizer_step",
         "the parameters never change: call optimizer.step() after loss.backward().",
-        _no_step,
+        functools.partial(_loop, step=False),
     ),
     Mistake(
         "trained_to_copy",
         "the model learned to copy its input: the loss compares the logits with the input "
         "digits instead of the sorted ones (the second tensor of sorting_batch).",
-        _to_copy,
+        functools.partial(_loop, to_copy=True),
     ),
 )
 TRAIN_MISTAKE = {m.id: m for m in TRAIN_MISTAKES}
@@ -696,6 +745,12 @@ TRAIN_SORTING_MODEL = Exercise(
             "again, from another initialization, on other held-out sequences",
             "hidden",
             _trained(seed=1, held_out_seed=901),
+        ),
+        Case(
+            "trains on CUDA",
+            "hidden",
+            _trained(seed=2, held_out_seed=902, device="cuda"),
+            "cuda",
         ),
     ),  # fmt: skip
     TRAIN_MISTAKES,

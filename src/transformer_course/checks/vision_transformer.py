@@ -26,12 +26,14 @@ from .core import (
     LibraryCalls,
     Mistake,
     attempt,
+    devices_mixed_up,
     diagnose,
     expect_close,
     expect_device,
     expect_on_meta,
     expect_shape,
     expect_value_error,
+    forked_rng,
     load_linears,
     on_meta,
     randn,
@@ -811,9 +813,9 @@ def _digits():
     return digits()
 
 
-def _train_and_score(train, model_cls, seed):
-    """Train a fresh model with the learner's loop; its held-out accuracy, whether any
-    parameter changed, and the number of held-out digits."""
+def _train_and_score(train, model_cls, seed, device):
+    """Train a fresh model on `device` with the learner's loop; its held-out accuracy, whether
+    any parameter changed, and the number of held-out digits."""
     (images, labels), (test_images, test_labels) = _digits()
     budget, seen = NUM_EPOCHS * len(images), 0
 
@@ -829,13 +831,14 @@ def _train_and_score(train, model_cls, seed):
                     TRAIN_MISTAKE["over_budget"],
                 )
 
-    with torch.random.fork_rng(devices=[]):
+    with forked_rng(device):
         torch.manual_seed(seed)
-        net = model_cls(**RECIPE)
+        net = model_cls(**RECIPE).to(device)
         before = [p.detach().clone() for p in net.parameters()]
         hook = net.register_forward_pre_hook(count, with_kwargs=True)
         try:
-            train(net, images.clone(), labels.clone(), NUM_EPOCHS)
+            with devices_mixed_up(device, TRAIN_MISTAKE["images_off_the_model_device"]):
+                train(net, images.clone(), labels.clone(), NUM_EPOCHS)
         finally:
             hook.remove()
     net.eval()
@@ -848,15 +851,15 @@ def _train_and_score(train, model_cls, seed):
     return (predictions == test_labels).float().mean().item(), unchanged, len(test_labels)
 
 
-def _trained(seed):
+def _trained(seed, device="cpu"):
     def run(impl, reveal):
         train, model_cls = impl
-        accuracy, unchanged, n = _train_and_score(train, model_cls, seed)
+        accuracy, unchanged, n = _train_and_score(train, model_cls, seed, device)
         if accuracy >= TARGET:
             return
-        message = (f"After {NUM_EPOCHS} epochs of your training loop, {accuracy:.1%} of the "
-                   f"{n} held-out digits are classified correctly; at least {TARGET:.0%} "
-                   "are needed.")  # fmt: skip
+        message = (f"After {NUM_EPOCHS} epochs of your training loop, with the model on "
+                   f"{device}, {accuracy:.1%} of the {n} held-out digits are classified "
+                   f"correctly; at least {TARGET:.0%} are needed.")  # fmt: skip
         mistake = None
         if unchanged:
             mistake = TRAIN_MISTAKE["no_optimizer_step"]
@@ -868,8 +871,12 @@ def _trained(seed):
     return run
 
 
-def _loop(net, images, labels, num_epochs, step=True, same_order=True, monitor=False):
+def _loop(net, images, labels, num_epochs, step=True, same_order=True, monitor=False,
+          on_model_device=True):  # fmt: skip
     optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    if on_model_device:
+        device = next(net.parameters()).device
+        images, labels = images.to(device), labels.to(device)
     for _ in range(num_epochs):
         net.train()
         order = torch.randperm(len(images))
@@ -886,6 +893,13 @@ def _loop(net, images, labels, num_epochs, step=True, same_order=True, monitor=F
 
 
 TRAIN_MISTAKES = (
+    Mistake(
+        "images_off_the_model_device",
+        "the images stay on the CPU while the model is on the GPU: move them (and the labels) "
+        "to the model's device first, images.to(next(model.parameters()).device).",
+        functools.partial(_loop, on_model_device=False),
+        device="cuda",
+    ),
     Mistake(
         "no_optimizer_step",
         "the parameters never change: call optimizer.step() after loss.backward().",
@@ -917,6 +931,7 @@ TRAIN_VISION_TRANSFORMER = Exercise(
             _trained(seed=0),
         ),
         Case("again, from another initialization", "hidden", _trained(seed=1)),
+        Case("trains on CUDA", "hidden", _trained(seed=2, device="cuda"), "cuda"),
     ),
     TRAIN_MISTAKES,
     reference=(model.train_vision_transformer, model.VisionTransformer),
