@@ -4,6 +4,7 @@ simulated (these machines are offline): a fresh environment with only what Colab
 setup cell pointed at a wheel built here, and a solution notebook run end to end."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,9 +66,14 @@ def _pins() -> list[str]:
 
 @pytest.mark.colab
 def test_a_solution_runs_end_to_end_in_a_simulated_colab(tmp_path):
+    source = tmp_path / "source"  # a copy: setuptools leaves a build/ folder beside its input
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    shutil.copytree(ROOT / "src", source / "src", ignore=skip)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source)
     wheels = tmp_path / "wheels"
     _run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-         "-w", wheels, ROOT)  # fmt: skip
+         "-w", wheels, source)  # fmt: skip
     (wheel,) = wheels.glob("transformer_course-*.whl")
     colab = tmp_path / "colab"
     _run(sys.executable, "-m", "venv", colab)
