@@ -1,21 +1,16 @@
 """The two ways every check is proven, shared by the chapters' tests: correct variants pass
 both suites, and each catalogued mistake fails and is named."""
 
-import pytest
-
-from transformer_course.checks.core import available_devices
+import dataclasses
 
 SUITES = ("visible", "hidden")
 
 
-def catalogue(mistakes):
-    """pytest params of `mistakes`, each skipped where the device it shows on is missing."""
-    return [
-        pytest.param(m, id=m.id, marks=pytest.mark.skipif(
-            m.device not in available_devices(), reason=f"shows only on {m.device}"
-        ))
-        for m in mistakes
-    ]  # fmt: skip
+def only_on(exercise, device):
+    """The exercise with only its cases on `device`, to prove those alone."""
+    return dataclasses.replace(
+        exercise, cases=tuple(c for c in exercise.cases if c.device == device)
+    )
 
 
 def reports(exercise, impl):

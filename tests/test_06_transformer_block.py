@@ -13,7 +13,7 @@ from transformer_course.checks import transformer_block as ch6
 from transformer_course.checks.core import CheckFailed
 from transformer_course.data import sorting_batch
 
-from .proofs import assert_fails_and_is_named, assert_passes, catalogue
+from .proofs import assert_fails_and_is_named, assert_passes, only_on
 
 # ---- correct implementations written differently from the reference -------------------
 
@@ -125,19 +125,35 @@ def test_another_correct_training_loop_reaches_the_target():
     assert report.passed, str(report)
 
 
+OFF_DEVICE = ch6.TRAIN_MISTAKE["batches_off_the_model_device"]  # right on a CPU: meta shows it
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mistake", catalogue(ch6.TRAIN_MISTAKES))
+@pytest.mark.parametrize("mistake", [m for m in ch6.TRAIN_MISTAKES if m is not OFF_DEVICE],
+                         ids=lambda m: m.id)  # fmt: skip
 def test_each_training_mistake_fails_and_is_named(mistake):
     report = ch6.TRAIN_SORTING_MODEL.report((mistake.impl, SinusoidalSortingModel))
     assert not report.passed and report.mistakes == [mistake.id], str(report)
 
 
+def test_the_meta_case_names_batches_left_on_the_cpu_and_passes_every_other_loop():
+    """It judges only where the batches are: the reference, another correct loop and the loops
+    with other mistakes all get through it."""
+    meta = only_on(ch6.TRAIN_SORTING_MODEL, "meta")
+    report = meta.report((OFF_DEVICE.impl, SinusoidalSortingModel), "hidden")
+    assert not report.passed and report.mistakes == [OFF_DEVICE.id], str(report)
+    assert meta.report(meta.reference, "hidden", reference_allowed=True).passed
+    others = [m.impl for m in ch6.TRAIN_MISTAKES if m is not OFF_DEVICE]
+    for train in [train_with_adam_constant_lr, *others]:
+        report = meta.report((train, SinusoidalSortingModel), "hidden")
+        assert report.passed, str(report)
+
+
 def test_the_cuda_training_case_names_batches_left_on_the_cpu_here_on_meta():
     """On meta as on CUDA, PyTorch refuses the CPU batches; the case must say why."""
-    mistake = ch6.TRAIN_MISTAKE["batches_off_the_model_device"]
     with pytest.raises(CheckFailed, match="model on meta") as failure:
-        ch6._trained(0, 900, device="meta")((mistake.impl, SinusoidalSortingModel), False)
-    assert failure.value.mistake is mistake
+        ch6._trained(0, 900, device="meta")((OFF_DEVICE.impl, SinusoidalSortingModel), False)
+    assert failure.value.mistake is OFF_DEVICE
 
 
 def test_the_cuda_cases_code_path_runs_here_on_the_cpu():

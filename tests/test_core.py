@@ -14,6 +14,7 @@ from transformer_course.checks.core import (
     CheckFailed,
     CpuTensorUsed,
     Exercise,
+    FirstStep,
     LibraryCalls,
     Mistake,
     NoCpuTensors,
@@ -126,6 +127,20 @@ def test_cpu_tensors_on_meta_are_caught_even_where_meta_would_run_them():
         F.embedding(torch.arange(3), weight)
     with NoCpuTensors():  # a CPU tensor copied to the device, or a CPU scalar, is fine
         F.embedding(torch.arange(3).to("meta"), weight) * torch.tensor(2.0)
+
+
+def test_a_training_loop_on_meta_reads_zeros_and_stops_at_its_first_step():
+    """A loop that logs loss.item() gets a 0; its first step on meta parameters ends it, and
+    only then: steps on the CPU, or after the mode, go on."""
+    meta, cpu = nn.Linear(3, 1).to("meta"), nn.Linear(3, 1)
+    with NoCpuTensors():
+        loss = meta(torch.empty(4, 3, device="meta")).pow(2).mean()
+        assert loss.item() == 0 and not bool(loss > 1)
+        loss.backward()
+        torch.optim.SGD(cpu.parameters(), lr=0.1).step()
+        with pytest.raises(FirstStep):
+            torch.optim.AdamW(meta.parameters(), fused=True).step()
+    torch.optim.SGD(meta.parameters(), lr=0.1).step()
 
 
 def test_expect_on_meta_wants_shape_dtype_and_the_meta_device():

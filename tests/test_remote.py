@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 
 from transformer_course.checks import EXERCISES
-from transformer_course.checks.core import available_devices
 from transformer_course.grading.confine import FIRST_UID, Limits
 from transformer_course.grading.remote import Sandbox
 
-from .proofs import SUITES
+from .proofs import SUITES, only_on
 
 CHAPTERS = ["test_01_self_attention", "test_02_multi_head_attention",
             "test_03_positional_encoding", "test_04_feed_forward",
@@ -77,25 +76,40 @@ def test_each_correct_variant_passes_through_the_sandbox(sandbox, exercise, wher
         assert report.passed, str(report)
 
 
-TRAINING = [("train_sorting_model", "tests.test_06_transformer_block.SinusoidalSortingModel"),
-            ("train_vision_transformer", "tests.test_07_vision_transformer.TinyViT")]  # fmt: skip
+TRAINING = [
+    ("train_sorting_model", "tests.test_06_transformer_block.SinusoidalSortingModel",
+     "batches_off_the_model_device"),
+    ("train_vision_transformer", "tests.test_07_vision_transformer.TinyViT",
+     "images_off_the_model_device"),
+]  # fmt: skip
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("exercise, model", TRAINING, ids=[e for e, _ in TRAINING])
-def test_training_is_judged_here_and_its_budget_kept_across_the_boundary(sandbox, exercise, model):
+@pytest.mark.parametrize("exercise, model, off_device", TRAINING, ids=[e for e, *_ in TRAINING])
+def test_training_is_judged_here_and_its_budget_kept_across_the_boundary(
+    sandbox, exercise, model, off_device
+):
+    correct_loop = "train_with_adam_constant_lr"  # each chapter's test has one by this name
     """The learner's loop trains in the sandbox; the grader scores the trained weights itself.
-    The budget is counted by the check's own hook, which the sandbox calls back for each batch."""
+    The budget is counted by the check's own hook, which the sandbox calls back for each batch.
+    The meta case stops the loop at its first optimizer step in the sandbox too."""
+    on_meta = only_on(EXERCISES[exercise], "meta")
     reference = _remote(sandbox, f"EXERCISES[{exercise!r}].reference")
     report = EXERCISES[exercise].report(reference, "visible", reference_allowed=True)
     assert report.passed, str(report)
+    assert on_meta.report(reference, "hidden", reference_allowed=True).passed
     module, _, name = model.rpartition(".")
+    correct = _remote(sandbox, f"(__import__({module!r}, fromlist=['_']).{correct_loop}, "
+                               f"__import__({module!r}, fromlist=['_']).{name})")  # fmt: skip
+    report = on_meta.report(correct, "hidden")
+    assert report.passed, str(report)
     for i, mistake in enumerate(EXERCISES[exercise].mistakes):
-        if mistake.device not in available_devices():  # data left on the CPU, say
-            continue
         impl = _remote(sandbox, f"(EXERCISES[{exercise!r}].mistakes[{i}].impl, "
                                 f"__import__({module!r}, fromlist=['_']).{name})")  # fmt: skip
-        report = EXERCISES[exercise].report(impl, "visible")
+        if mistake.id == off_device:  # right on a CPU: the meta case shows it
+            report = on_meta.report(impl, "hidden")
+        else:
+            report = EXERCISES[exercise].report(impl, "visible")
         assert not report.passed and report.mistakes == [mistake.id], str(report)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -33,7 +34,6 @@ class Mistake:
     id: str  # short name, used in reports and in the course's tests
     explanation: str  # what went wrong, in plain words, for the learner
     impl: Any  # a wrong implementation with the exercise's interface
-    device: str = "cpu"  # where it shows: data left on the CPU is right on a CPU-only machine
 
 
 @dataclass(frozen=True)
@@ -440,12 +440,37 @@ class CpuTensorUsed(RuntimeError):
     """On the meta device: an operation was handed a CPU tensor besides meta ones."""
 
 
+class FirstStep(BaseException):
+    """A training loop on meta reached its first optimizer step. A BaseException, so that a
+    loop's `except Exception` does not swallow it."""
+
+
+def _stop_on_meta(optimizer, args, kwargs):
+    if any(p.is_meta for group in optimizer.param_groups for p in group["params"]):
+        raise FirstStep("the loop reached its first optimizer step")
+
+
 class NoCpuTensors(TorchDispatchMode):
     """Raises CpuTensorUsed when a tensor made on the CPU meets a meta one: what fails on a GPU.
     Some such mixes run on meta without it (an embedding looked up with CPU positions). CPU
-    scalars and indices are let through, since CUDA accepts them."""
+    scalars and indices are let through, since CUDA accepts them.
+
+    A training loop is judged up to its first optimizer step, where FirstStep stops it: by then
+    a batch went through the model, the loss and backward. A step on meta would update nothing,
+    and fused optimizers refuse meta parameters. Meta tensors hold no values: a scalar read
+    from one (loss.item()) is 0."""
+
+    def __enter__(self):
+        self._step_hook = register_optimizer_step_pre_hook(_stop_on_meta)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self._step_hook.remove()
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].is_meta:
+            return False if args[0].dtype == torch.bool else 0
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         cpu = [t for t in tensors if t.device.type == "cpu" and t.dim() > 0]
         if cpu and func is not torch.ops.aten.index.Tensor and any(t.is_meta for t in tensors):
@@ -484,12 +509,24 @@ MIXED_DEVICES = ("Expected all tensors to be on the same device", "is not on the
 @contextmanager
 def devices_mixed_up(device: torch.device | str, mistake: Mistake) -> Iterator[None]:
     """Around a learner's code run with its model on `device`: PyTorch's error for tensors on
-    two devices becomes a CheckFailed naming `mistake`; any other error passes through."""
+    two devices, or NoCpuTensors', becomes a CheckFailed naming `mistake`; any other error
+    passes through."""
     try:
         yield
     except RuntimeError as error:
-        if not any(words in str(error) for words in MIXED_DEVICES):
+        mixed = isinstance(error, CpuTensorUsed) or any(w in str(error) for w in MIXED_DEVICES)
+        if not mixed:
             raise
         raise CheckFailed(
             f"With the model on {device}, your code raised RuntimeError: {error}", mistake
         ) from None
+
+
+def first_step_on_meta(train: Callable[[], Any], mistake: Mistake) -> None:
+    """Run a training loop whose model is on meta, up to its first optimizer step: a CPU
+    tensor meeting the model's on the way is `mistake`."""
+    try:
+        with NoCpuTensors(), devices_mixed_up("meta", mistake):
+            train()
+    except FirstStep:
+        pass

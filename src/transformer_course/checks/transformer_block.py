@@ -27,6 +27,7 @@ from .core import (
     expect_device,
     expect_on_meta,
     expect_shape,
+    first_step_on_meta,
     forked_rng,
     load_linears,
     on_meta,
@@ -699,6 +700,12 @@ def _trained(seed, held_out_seed, device="cpu"):
     return run
 
 
+def _trains_on_meta(impl, reveal):
+    train, model_cls = impl
+    net = model_cls().to("meta")
+    first_step_on_meta(lambda: train(net, 2), TRAIN_MISTAKE["batches_off_the_model_device"])
+
+
 def _loop(net, num_steps, step=True, to_copy=False, on_model_device=True):
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
     device = next(net.parameters()).device if on_model_device else None
@@ -714,10 +721,10 @@ def _loop(net, num_steps, step=True, to_copy=False, on_model_device=True):
 TRAIN_MISTAKES = (
     Mistake(
         "batches_off_the_model_device",
-        "the batches stay on the CPU while the model is on the GPU: draw them on the model's "
+        "the batches stay on the CPU while the model is on another device (a GPU, or the meta "
+        "device, on which the check finds this without a GPU): draw each batch on the model's "
         "device, sorting_batch(batch_size, device=next(model.parameters()).device).",
         functools.partial(_loop, on_model_device=False),
-        device="cuda",
     ),
     Mistake(
         "no_optimizer_step",
@@ -746,6 +753,7 @@ TRAIN_SORTING_MODEL = Exercise(
             "hidden",
             _trained(seed=1, held_out_seed=901),
         ),
+        Case("keeps its batches on the model's device (meta)", "hidden", _trains_on_meta, "meta"),
         Case(
             "trains on CUDA",
             "hidden",

@@ -33,6 +33,7 @@ from .core import (
     expect_on_meta,
     expect_shape,
     expect_value_error,
+    first_step_on_meta,
     forked_rng,
     load_linears,
     on_meta,
@@ -871,6 +872,14 @@ def _trained(seed, device="cpu"):
     return run
 
 
+def _trains_on_meta(impl, reveal):
+    train, model_cls = impl
+    (images, labels), _ = _digits()
+    net = model_cls(**RECIPE).to("meta")
+    first_step_on_meta(lambda: train(net, images[:256].clone(), labels[:256].clone(), 1),
+                       TRAIN_MISTAKE["images_off_the_model_device"])  # fmt: skip
+
+
 def _loop(net, images, labels, num_epochs, step=True, same_order=True, monitor=False,
           on_model_device=True):  # fmt: skip
     optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
@@ -895,10 +904,10 @@ def _loop(net, images, labels, num_epochs, step=True, same_order=True, monitor=F
 TRAIN_MISTAKES = (
     Mistake(
         "images_off_the_model_device",
-        "the images stay on the CPU while the model is on the GPU: move them (and the labels) "
-        "to the model's device first, images.to(next(model.parameters()).device).",
+        "the images or the labels stay on the CPU while the model is on another device (a GPU, "
+        "or the meta device, on which the check finds this without a GPU): move both to the "
+        "model's device first, images.to(next(model.parameters()).device), and the labels too.",
         functools.partial(_loop, on_model_device=False),
-        device="cuda",
     ),
     Mistake(
         "no_optimizer_step",
@@ -931,6 +940,7 @@ TRAIN_VISION_TRANSFORMER = Exercise(
             _trained(seed=0),
         ),
         Case("again, from another initialization", "hidden", _trained(seed=1)),
+        Case("keeps the images on the model's device (meta)", "hidden", _trains_on_meta, "meta"),
         Case("trains on CUDA", "hidden", _trained(seed=2, device="cuda"), "cuda"),
     ),
     TRAIN_MISTAKES,

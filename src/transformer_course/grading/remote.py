@@ -30,7 +30,7 @@ import torch.nn as nn
 from torch.overrides import _get_current_function_mode_stack
 from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode_stack
 
-from ..checks.core import CpuTensorUsed, LibraryCalls, NoCpuTensors, ReferenceCalls
+from ..checks.core import CpuTensorUsed, FirstStep, LibraryCalls, NoCpuTensors, ReferenceCalls
 from . import wire
 from .confine import FIRST_UID, Limits, processes_of
 from .sandbox import (
@@ -395,6 +395,8 @@ def _raise_if_error(reply: dict) -> None:
     mro = [str(n) for n in error.get("mro", [])]
     if "CpuTensorUsed" in mro:
         raise CpuTensorUsed(message)
+    if "FirstStep" in mro:  # a training loop on meta, stopped where the check wanted
+        raise FirstStep(message)
     for name in mro:
         if name in _EXCEPTIONS and name != "Exception":
             raise _EXCEPTIONS[name](message)
