@@ -35,3 +35,17 @@ def assert_hidden_failures_show_no_values(exercise, impl):
     failed = [r for r in report.results if r.status == "failed"]
     assert failed and all("values [" not in r.message for r in failed), str(report)
     return report
+
+
+def assert_meta_case_judges_only_where_the_data_is(exercise, misplaced, model_cls, correct):
+    """A training exercise's meta case: the loop that leaves its data on the CPU (`misplaced`)
+    fails and is named; the reference, the `correct` loops and every other catalogued loop
+    pass."""
+    meta = only_on(exercise, "meta")
+    report = meta.report((misplaced.impl, model_cls), "hidden")
+    assert not report.passed and report.mistakes == [misplaced.id], str(report)
+    assert meta.report(meta.reference, "hidden", reference_allowed=True).passed
+    others = [m.impl for m in exercise.mistakes if m is not misplaced]
+    for train in [*correct, *others]:
+        report = meta.report((train, model_cls), "hidden")
+        assert report.passed, str(report)

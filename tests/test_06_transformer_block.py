@@ -13,7 +13,11 @@ from transformer_course.checks import transformer_block as ch6
 from transformer_course.checks.core import CheckFailed
 from transformer_course.data import sorting_batch
 
-from .proofs import assert_fails_and_is_named, assert_passes, only_on
+from .proofs import (
+    assert_fails_and_is_named,
+    assert_meta_case_judges_only_where_the_data_is,
+    assert_passes,
+)
 
 # ---- correct implementations written differently from the reference -------------------
 
@@ -137,16 +141,9 @@ def test_each_training_mistake_fails_and_is_named(mistake):
 
 
 def test_the_meta_case_names_batches_left_on_the_cpu_and_passes_every_other_loop():
-    """It judges only where the batches are: the reference, another correct loop and the loops
-    with other mistakes all get through it."""
-    meta = only_on(ch6.TRAIN_SORTING_MODEL, "meta")
-    report = meta.report((OFF_DEVICE.impl, SinusoidalSortingModel), "hidden")
-    assert not report.passed and report.mistakes == [OFF_DEVICE.id], str(report)
-    assert meta.report(meta.reference, "hidden", reference_allowed=True).passed
-    others = [m.impl for m in ch6.TRAIN_MISTAKES if m is not OFF_DEVICE]
-    for train in [train_with_adam_constant_lr, *others]:
-        report = meta.report((train, SinusoidalSortingModel), "hidden")
-        assert report.passed, str(report)
+    assert_meta_case_judges_only_where_the_data_is(
+        ch6.TRAIN_SORTING_MODEL, OFF_DEVICE, SinusoidalSortingModel, [train_with_adam_constant_lr]
+    )
 
 
 def test_the_cuda_training_case_names_batches_left_on_the_cpu_here_on_meta():

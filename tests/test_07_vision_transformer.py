@@ -15,8 +15,8 @@ from transformer_course.checks.core import CheckFailed
 from .proofs import (
     assert_fails_and_is_named,
     assert_hidden_failures_show_no_values,
+    assert_meta_case_judges_only_where_the_data_is,
     assert_passes,
-    only_on,
 )
 
 # ---- correct implementations written differently from the reference -------------------
@@ -231,17 +231,10 @@ def test_each_training_mistake_fails_and_is_named(mistake):
 
 
 def test_the_meta_case_names_images_left_on_the_cpu_and_passes_every_other_loop():
-    """It judges only where the images are: the reference (whose AdamW is fused, which meta
-    parameters refuse), another correct loop and the loops with other mistakes all get
-    through it."""
-    meta = only_on(ch7.TRAIN_VISION_TRANSFORMER, "meta")
-    report = meta.report((OFF_DEVICE.impl, TinyViT), "hidden")
-    assert not report.passed and report.mistakes == [OFF_DEVICE.id], str(report)
-    assert meta.report(meta.reference, "hidden", reference_allowed=True).passed
-    others = [m.impl for m in ch7.TRAIN_MISTAKES if m is not OFF_DEVICE]
-    for train in [train_with_adam_constant_lr, *others]:
-        report = meta.report((train, PaddedTokenViT), "hidden")
-        assert report.passed, str(report)
+    """The reference's AdamW is fused, which meta parameters refuse: it passes too."""
+    assert_meta_case_judges_only_where_the_data_is(
+        ch7.TRAIN_VISION_TRANSFORMER, OFF_DEVICE, TinyViT, [train_with_adam_constant_lr]
+    )
 
 
 def test_the_cuda_training_case_names_images_left_on_the_cpu_here_on_meta():
