@@ -86,9 +86,10 @@ def notebooks(root: Path) -> list[Path]:
 
 def main() -> int:
     root = Path.cwd()
-    for notebook in notebooks(root):
+    paths = notebooks(root)
+    for notebook in paths:
         nbformat.write(with_colab_cells(root, notebook), notebook)
-    print(f"Colab cells written into {len(notebooks(root))} notebooks; run `make exercises`.")
+    print(f"Colab cells written into {len(paths)} notebooks; run `make exercises`.")
     return 0
 
 

@@ -173,7 +173,7 @@ def grade(
         # release's, whatever the submission did to them.
         release = work / "release" / sub.assignment / sub.notebook
         notebook = rebuild(nbformat.read(sub.path, as_version=4),
-                              nbformat.read(release, as_version=4))  # fmt: skip
+                           nbformat.read(release, as_version=4))  # fmt: skip
         target = work / "submitted" / sub.student / sub.assignment / sub.notebook
         target.parent.mkdir(parents=True, exist_ok=True)
         nbformat.write(notebook, target)

@@ -43,11 +43,14 @@ from .sandbox import (
 )
 
 START_TIMEOUT = 120  # seconds a new sandbox may take to start
+# What a learner's error is raised as here, by the nearest class name in its MRO: Python's
+# exceptions, and the two the checks themselves catch.
 _EXCEPTIONS = {
-    name: obj
-    for name, obj in vars(builtins).items()
-    if isinstance(obj, type) and issubclass(obj, Exception)
-}
+    **{name: obj for name, obj in vars(builtins).items()
+       if isinstance(obj, type) and issubclass(obj, Exception) and obj is not Exception},
+    "CpuTensorUsed": CpuTensorUsed,
+    "FirstStep": FirstStep,  # a training loop on meta, stopped where the check wanted
+}  # fmt: skip
 
 
 class SandboxStopped(BaseException):
@@ -392,13 +395,8 @@ def _raise_if_error(reply: dict) -> None:
     if not error:
         return
     kind, message = str(error.get("type")), str(error.get("message"))
-    mro = [str(n) for n in error.get("mro", [])]
-    if "CpuTensorUsed" in mro:
-        raise CpuTensorUsed(message)
-    if "FirstStep" in mro:  # a training loop on meta, stopped where the check wanted
-        raise FirstStep(message)
-    for name in mro:
-        if name in _EXCEPTIONS and name != "Exception":
+    for name in map(str, error.get("mro", [])):
+        if name in _EXCEPTIONS:
             raise _EXCEPTIONS[name](message)
     raise RuntimeError(f"{kind}: {message}")
 

@@ -81,12 +81,10 @@ def rebuild(submitted, release):
     for i, cell in enumerate(release.cells):
         cell = copy.deepcopy(cell)
         sources = placed.get(i, [])
-        if is_solution[i]:
-            if sources:
-                cell.source = "\n\n".join(sources)
-            cells.append(cell)
-        else:
-            cells.append(cell)
+        if is_solution[i] and sources:
+            cell.source = "\n\n".join(sources)
+        cells.append(cell)
+        if not is_solution[i]:  # code the learner wrote after a fixed cell follows it
             cells.extend(new_code_cell(source) for source in sources)
     cells[0:0] = [new_code_cell(s) for s in placed.get(-1, [])]
     notebook = copy.deepcopy(release)

@@ -10,6 +10,7 @@ code runs it confines itself (see `confine`).
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import sys
 import traceback
@@ -169,7 +170,8 @@ class _Server:
         self.conn, self.shell, self.limits = conn, shell, limits
         self.objects: dict[int, object] = {}
         self.sent: dict[int, nn.Module] = {}  # modules the grader sent, by its token
-        self.graphs: dict[int, tuple] = {}
+        self.graphs: dict[int, tuple] = {}  # calls whose gradients the grader may ask for
+        self.call_ids = itertools.count(1)
 
     # -- references: objects cross the pipe by id, modules with a description --------------
 
@@ -285,8 +287,9 @@ class _Server:
         leaves = [t for t in inputs if t.requires_grad]
         leaves += [root.get_parameter(n) for n in leaf_params]
         outputs = flat_tensors(value)
-        call_id = len(self.graphs) + 1
-        self.graphs[call_id] = (outputs, leaves)
+        call_id = next(self.call_ids)
+        if leaves and any(t.requires_grad for t in outputs):
+            self.graphs[call_id] = (outputs, leaves)
         changed = {str(i): t.detach() for i, (t, b) in enumerate(zip(inputs, before, strict=True))
                    if b is not None and not torch.equal(t.detach(), b)}  # fmt: skip
         states = {str(i): module_state(self.objects[i]) for i in request.get("modules", [])}
@@ -314,7 +317,8 @@ class _Server:
         return root.get_submodule(path).register_forward_pre_hook(ask, with_kwargs=True)
 
     def _backward(self, request: dict) -> dict:
-        outputs, leaves = self.graphs[int(request["call_id"])]
+        # autograd frees a graph once it is used: so is its entry, with what it holds alive
+        outputs, leaves = self.graphs.pop(int(request["call_id"]))
         pairs = [(o, g) for o, g in zip(outputs, request["grads"], strict=True)
                  if g is not None and o.requires_grad]  # fmt: skip
         if not pairs or not leaves:

@@ -153,12 +153,12 @@ def _tensor(o: dict, view: memoryview, offsets: list[int]) -> torch.Tensor:
     else:
         if not isinstance(i, int) or not 0 <= i < len(offsets) - 1:
             raise WireError("bad tensor index")
-        raw = bytes(view[offsets[i] : offsets[i + 1]])
+        raw = bytearray(view[offsets[i] : offsets[i + 1]])  # writable: torch owns a copy
         size = dtype.itemsize
         extent = offset + _span(shape, stride) if 0 not in shape else 0
         if len(raw) % size or len(raw) // size < extent:
             raise WireError("a tensor's strides reach past its bytes")
-        flat = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
         t = flat.as_strided(shape, stride, offset) if extent else torch.empty(shape, dtype=dtype)
         if device.type != "cpu":
             t = t.to(device)
