@@ -67,7 +67,8 @@ def cells(root: Path, notebook: Path) -> list:
 
 def with_colab_cells(root: Path, notebook: Path):
     """The notebook with its badge and setup cells first, written or replaced; a setup cell
-    whose code is unchanged keeps its execution (book pages are committed executed)."""
+    whose code is unchanged keeps its execution, timings included (book pages are committed
+    executed), so that running this again changes nothing."""
     nb = nbformat.read(notebook, as_version=4)
     old = {c.get("id"): c for c in nb.cells}
     new = cells(root, notebook)
@@ -75,6 +76,7 @@ def with_colab_cells(root: Path, notebook: Path):
         previous = old.get(cell.id)
         if cell.cell_type == "code" and previous is not None and previous.source == cell.source:
             cell.outputs, cell.execution_count = previous.outputs, previous.execution_count
+            cell.metadata = {**previous.metadata, **cell.metadata}
     nb.cells = new + [c for c in nb.cells if c.get("id") not in (BADGE, SETUP)]
     return nb
 
